@@ -1,0 +1,1 @@
+"""Synthetic scenes, LLaVA-format datasets, staged training and evaluation."""
