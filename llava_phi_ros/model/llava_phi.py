@@ -1,0 +1,117 @@
+"""LLaVA-Phi: CLIP vision tower -> MLP projector -> Phi-2, spliced at the image placeholder.
+
+Module names reproduce the original LLaVA-Phi checkpoint keys (`model.embed_tokens`,
+`model.layers.N.*`, `model.final_layernorm`, `model.vision_tower.vision_model.*`,
+`model.mm_projector.{0,2}.*`, `lm_head.{weight,bias}`), so the original layout loads as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .clip import CLIPVisionTower
+from .config import LlavaPhiConfig
+from .phi import KVCache, PhiDecoderLayer, RotaryEmbedding
+from .prompt import IMAGE_TOKEN_INDEX
+
+
+def build_projector(cfg: LlavaPhiConfig) -> nn.Module:
+    """`mlp2x_gelu`: Linear -> GELU (exact erf) -> Linear; or a single `linear` layer."""
+    d_in, d_out = cfg.vision.hidden_size, cfg.text.hidden_size
+    if cfg.projector_type == "linear":
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+class LlavaPhiModel(nn.Module):
+    """Everything but the LM head (the `model.` prefix of the checkpoint)."""
+
+    def __init__(self, cfg: LlavaPhiConfig):
+        super().__init__()
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(PhiDecoderLayer(t) for _ in range(t.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(t.hidden_size, eps=t.layer_norm_eps)
+        self.rotary = RotaryEmbedding(t)
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used,
+                                            keep_cls=cfg.vision_select_feature == "cls_patch")
+        self.mm_projector = build_projector(cfg)
+
+
+class LlavaPhiForCausalLM(nn.Module):
+    """The whole model. Inference goes through a KVCache with absolute positions."""
+
+    def __init__(self, cfg: LlavaPhiConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlavaPhiModel(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
+        """A preallocated KV cache in the model's dtype and device (full context by default)."""
+        t = self.config.text
+        return KVCache(t, max_len or t.max_position_embeddings, batch, self.dtype, self.device)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: (B, C, S, S) -> (B, N, D_text)."""
+        features = self.model.vision_tower(pixel_values.to(self.device, self.dtype))
+        return self.model.mm_projector(features)
+
+    def embed(self, input_ids: Sequence[int],
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each IMAGE_TOKEN_INDEX replaced by one image's N features.
+
+        input_ids: T ids, K of them IMAGE_TOKEN_INDEX; image_features: (K, N, D) or (N, D).
+        Returns (1, T - K + K*N, D).
+        """
+        ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=self.device)
+        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if image_features is not None and image_features.dim() == 2:
+            image_features = image_features.unsqueeze(0)
+        n_images = 0 if image_features is None else image_features.shape[0]
+        if len(slots) != n_images:
+            raise ValueError(f"the prompt has {len(slots)} image placeholders but "
+                             f"{n_images} images were given")
+        text = self.model.embed_tokens(ids.clamp(min=0))  # (T, D); placeholders embedded as id 0
+        if not slots:
+            return text.unsqueeze(0)
+        pieces, prev = [], 0
+        for i, slot in enumerate(slots):
+            pieces += [text[prev:slot], image_features[i].to(text.dtype)]
+            prev = slot + 1
+        pieces.append(text[prev:])
+        return torch.cat(pieces).unsqueeze(0)
+
+    def forward_embeds(self, embeds: torch.Tensor, cache: KVCache, start_pos: int,
+                       last_only: bool = True) -> torch.Tensor:
+        """Run the decoder on (B, T, D) embeddings at absolute positions start_pos..start_pos+T-1.
+
+        Returns fp32 logits, (B, V) for the last position when last_only, else (B, T, V).
+        """
+        t = embeds.shape[1]
+        if start_pos < 0 or start_pos + t > cache.max_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} do not fit the "
+                             f"KV cache of {cache.max_len}")
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, self.model.rotary, cache, i, start_pos)
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.model.final_layernorm(x)).float()
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Text-only forward: (B, T) ids -> fp32 logits (B, T, V) (or (B, V) when last_only)."""
+        embeds = self.model.embed_tokens(input_ids.to(self.device))
+        return self.forward_embeds(embeds, cache, start_pos, last_only)
