@@ -21,12 +21,11 @@ def random_tiny_model(seed: int = 0, vocab_size: int = 128, image_size: int = 28
     torch.manual_seed(seed)
     model = LlavaPhiForCausalLM(cfg or tiny_config(vocab_size, image_size))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or ".layer_norm" in name and name.endswith(
-                    "weight") or name.endswith("pre_layrnorm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):  # scales near 1, as trained models have
+                module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
         model.lm_head.bias.copy_(torch.randn_like(model.lm_head.bias))
     return model.eval()
 
