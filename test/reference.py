@@ -26,7 +26,7 @@ def random_tiny_model(seed: int = 0, vocab_size: int = 128, image_size: int = 28
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):  # scales near 1, as trained models have
                 module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
-        model.lm_head.bias.copy_(torch.randn_like(model.lm_head.bias))
+        model.lm_head.bias.copy_(0.3 * torch.randn_like(model.lm_head.bias))
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
 
 from .reference import Reference, random_tiny_model
 
+SEED = 1  # a seed whose random model does not collapse onto one token within 32 steps
 PROMPT = [5, 17, 3, IMAGE_TOKEN_INDEX, 9, 42, 7, 11]
 
 
@@ -22,7 +23,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def model() -> LlavaPhiForCausalLM:
-    return random_tiny_model(seed=0)
+    return random_tiny_model(seed=SEED)
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,11 @@ def test_greedy_32_steps_identical_with_and_without_cache(model, ref, pixels):
     cached = greedy_with_cache(model, pixels, 32)
     assert cached == greedy_without_cache(model, pixels, 32)
     assert cached == ref.greedy(PROMPT, pixels, 32)
-    assert len(set(cached)) > 3  # a degenerate model repeating one token would prove little
+    assert len(set(cached)) > 8  # a model collapsing onto one or two tokens would prove little
 
 
 def test_dropped_lm_head_bias_is_caught(model, ref, pixels):
-    no_bias = random_tiny_model(seed=0)
+    no_bias = random_tiny_model(seed=SEED)
     with torch.no_grad():
         no_bias.lm_head.bias.zero_()
     theirs = ref.logits(ref.embeds(PROMPT, ref.image_features(pixels)))[0, -1]
@@ -116,7 +117,7 @@ def test_dropped_lm_head_bias_is_caught(model, ref, pixels):
 
 def test_wrong_vision_layer_is_caught(ref, pixels):
     cfg = dataclasses.replace(tiny_config(), vision_select_layer=-1)
-    wrong = random_tiny_model(seed=0, cfg=cfg)
+    wrong = random_tiny_model(seed=SEED, cfg=cfg)
     with torch.no_grad():
         feats = wrong.encode_images(pixels)
     assert rel_err(feats, ref.image_features(pixels)) > 1e-2
@@ -124,7 +125,7 @@ def test_wrong_vision_layer_is_caught(ref, pixels):
 
 def test_keeping_cls_is_caught(model, ref, pixels):
     cfg = dataclasses.replace(tiny_config(), vision_select_feature="cls_patch")
-    with_cls = random_tiny_model(seed=0, cfg=cfg)
+    with_cls = random_tiny_model(seed=SEED, cfg=cfg)
     with torch.no_grad():
         feats = with_cls.encode_images(pixels)
     theirs = ref.image_features(pixels)
@@ -140,7 +141,7 @@ def test_placeholder_count_mismatch_names_both_counts(model, pixels):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_finite_and_close(model, pixels, dtype):
     ref32 = our_first_logits(model, pixels)
-    half = random_tiny_model(seed=0).to(dtype)
+    half = random_tiny_model(seed=SEED).to(dtype)
     logits = our_first_logits(half, pixels)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
