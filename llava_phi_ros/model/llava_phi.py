@@ -58,6 +58,11 @@ class LlavaPhiForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def rebuild_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the buffers checkpoints do not store (rotary cos/sin), e.g. after a meta build."""
+        with torch.device(device if device is not None else self.device):
+            self.model.rotary = RotaryEmbedding(self.config.text)
+
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         """A preallocated KV cache in the model's dtype and device (full context by default)."""
         t = self.config.text
