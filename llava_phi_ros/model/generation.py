@@ -1,0 +1,203 @@
+"""The one generation loop every backend shares: greedy or top-p sampling, stop token and stop
+strings, per-token streaming, cancellation, and multiple-choice scoring.
+
+It talks to a model only through `StepModel` (prefill / decode_step at absolute positions), so the
+torch, ONNX Runtime and TensorRT backends all run exactly this code.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .prompt import IMAGE_TOKEN_INDEX
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (plus at least one new token) does not fit the model's context."""
+
+
+class StepModel(Protocol):
+    """What the loop needs from a backend."""
+
+    max_context: int
+
+    def prefill(self, input_ids: Sequence[int], image_features: Any | None = None,
+                start_pos: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """Run ids (IMAGE_TOKEN_INDEX = one image) from start_pos; fp32 logits (V,) or (T, V)."""
+        ...
+
+    def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
+        """Feed one token at absolute position pos; fp32 logits (V,) for the next one."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. temperature 0 = greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> GenerationConfig:
+        """Raise ValueError naming the bad setting; return self."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+@dataclass
+class Generation:
+    """What one generation produced."""
+
+    text: str
+    token_ids: list[int]  # generated ids, the stop token excluded
+    token_logprobs: list[float]  # natural-log model probability of each generated id
+    finish_reason: str  # "stop", "length" or "cancelled"
+    first_token_time: float | None = None  # time.perf_counter() when the first token was chosen
+    decode_seconds: float = 0.0  # time spent in decode steps after the first token
+    stop_string: str | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by decode steps per second (0 when there were none)."""
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps else 0.0
+
+
+def expanded_length(input_ids: Sequence[int], num_image_tokens: int) -> int:
+    """How many positions ids occupy once each IMAGE_TOKEN_INDEX becomes num_image_tokens."""
+    n_images = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
+    return len(input_ids) + n_images * (num_image_tokens - 1)
+
+
+def choose_token(logits: torch.Tensor, cfg: GenerationConfig,
+                 generator: torch.Generator | None) -> int:
+    """Greedy argmax, or a temperature / nucleus (top-p) sample. logits: (V,) fp32."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of better tokens
+        sorted_probs = torch.where(before < cfg.top_p, sorted_probs, 0.0)
+        pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str] | None:
+    """Earliest occurrence of any stop string in text."""
+    hits = [(text.find(s), s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else None
+
+
+def generate(model: StepModel, first_logits: torch.Tensor, start_pos: int, eos_token_id: int,
+             decode: Callable[[list[int]], str], cfg: GenerationConfig,
+             on_text: Callable[[str, int], None] | None = None,
+             should_cancel: Callable[[], bool] | None = None) -> Generation:
+    """Generate after a prefill whose last logits are first_logits and which filled start_pos slots.
+
+    on_text(text_so_far, tokens_generated) is called after every token; should_cancel() is checked
+    before every token and ends the generation with finish_reason "cancelled".
+    """
+    cfg.validate()
+    generator = None
+    if cfg.temperature > 0 and cfg.seed is not None:
+        generator = torch.Generator(device=first_logits.device).manual_seed(cfg.seed)
+    budget = min(cfg.max_new_tokens, model.max_context - start_pos)
+    if budget < 1:
+        raise ContextOverflowError(f"the prompt fills {start_pos} of {model.max_context} "
+                                   "context positions; nothing is left to generate")
+    ids: list[int] = []
+    logprobs: list[float] = []
+    out = Generation(text="", token_ids=ids, token_logprobs=logprobs, finish_reason="length")
+    logits, pos = first_logits, start_pos
+    decode_start = None
+    while True:
+        if should_cancel is not None and should_cancel():
+            out.finish_reason = "cancelled"
+            break
+        token = choose_token(logits, cfg, generator)
+        if out.first_token_time is None:
+            out.first_token_time = decode_start = time.perf_counter()
+        if token == eos_token_id:
+            out.finish_reason = "stop"
+            break
+        ids.append(token)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        out.text = decode(ids)
+        stop = _find_stop(out.text, cfg.stop_strings)
+        if stop is not None:
+            out.text, out.stop_string, out.finish_reason = out.text[:stop[0]], stop[1], "stop"
+        if on_text is not None:
+            on_text(out.text, len(ids))
+        if stop is not None or len(ids) >= budget:
+            break
+        logits = model.decode_step(token, pos)
+        pos += 1
+    if decode_start is not None:
+        out.decode_seconds = time.perf_counter() - decode_start
+    return out
+
+
+@dataclass
+class ChoiceScores:
+    """Log-likelihood of each choice as the whole answer."""
+
+    logprobs: list[float]
+    probs: list[float] = field(default_factory=list)  # normalised over the choices
+    index: int = -1  # best choice
+
+    def __post_init__(self) -> None:
+        if self.logprobs:
+            t = torch.tensor(self.logprobs, dtype=torch.float64)
+            self.probs = torch.softmax(t, dim=0).tolist()
+            self.index = int(torch.argmax(t))
+
+
+def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
+                  num_image_tokens: int) -> ChoiceScores:
+    """Score each choice's ids (the prompt's ids + the answer's + the stop token, tokenised
+    together) after a prefill of prompt_ids already in the KV cache.
+
+    Tokenising together can re-split the prompt's last tokens; each choice then starts from the
+    first id where all choices and the prompt agree, and the cache is rewound to that point.
+    """
+    if not choice_ids:
+        return ChoiceScores([])
+    shared = len(prompt_ids)
+    for full in choice_ids:
+        common = 0
+        while common < min(shared, len(full)) and full[common] == prompt_ids[common]:
+            common += 1
+        shared = common
+    last_image = max((i for i, t in enumerate(prompt_ids) if t == IMAGE_TOKEN_INDEX), default=-1)
+    if shared - 1 <= last_image:
+        raise ValueError("choices must follow the prompt's text; they cannot re-split the image")
+    start = shared - 1  # feed the last shared id again to get the logits that predict the next
+    pos = expanded_length(prompt_ids[:start], num_image_tokens)
+    scores = []
+    for full in choice_ids:
+        if len(full) <= shared:
+            raise ValueError("a choice must add at least one token after the prompt")
+        if pos + len(full) - start > model.max_context:
+            raise ContextOverflowError(f"a choice needs {pos + len(full) - start} positions; the "
+                                       f"context has {model.max_context}")
+        logits = model.prefill(full[start:], None, start_pos=pos, all_logits=True)  # (T, V)
+        logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # predicts full[shared:]
+        targets = torch.tensor(full[shared:], device=logp.device)
+        scores.append(float(logp.gather(1, targets[:, None]).sum()))
+    return ChoiceScores(scores)
