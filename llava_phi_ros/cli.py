@@ -1,0 +1,189 @@
+"""`llava-phi`: ask, chat and convert from the command line.
+
+Exit codes: 0 success, 1 a runtime failure (model, image, inference), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .model.builtin import BUILTIN_TINY, BUILTIN_TINY_WARNING
+from .model.generation import GenerationConfig
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint directory, or {BUILTIN_TINY} (the default, a toy model)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="inference backend (default: torch)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights dtype (auto: float32 on CPU, float16 on GPU)")
+    p.add_argument("--system-prompt", default=None, help="replace the default system prompt")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `llava-phi` argument parser."""
+    parser = argparse.ArgumentParser(prog="llava-phi", description=(
+        "LLaVA-Phi vision-language model: ask questions about images, chat, convert checkpoints."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer one question about one image")
+    _add_model_args(ask)
+    ask.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    _add_generation_args(ask)
+    ask.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                     help="score this answer; repeat for each choice; the best is the answer")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON object as the last stdout line")
+    ask.add_argument("question", help="the question")
+
+    chat = sub.add_parser("chat", help="interactive multi-turn conversation about an image")
+    _add_model_args(chat)
+    chat.add_argument("--image", required=True, help="image file")
+    _add_generation_args(chat)
+
+    conv = sub.add_parser("convert", help="write a checkpoint in the project's canonical layout")
+    conv.add_argument("--model", required=True, help="source checkpoint directory")
+    conv.add_argument("--out", required=True, help="destination directory (must be new or empty)")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    conv.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
+                      help="split weights into shards of at most this many GB")
+    return parser
+
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    try:
+        return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed).validate()
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _load_model(args: argparse.Namespace):
+    from .pipeline import ModelLoadError, VisionLanguageModel
+
+    model_path = args.model
+    if model_path is None:
+        print(f"llava-phi: warning: --model not given, using {BUILTIN_TINY}. "
+              f"{BUILTIN_TINY_WARNING}", file=sys.stderr)
+        model_path = BUILTIN_TINY
+    elif model_path == BUILTIN_TINY:
+        print(f"llava-phi: warning: {BUILTIN_TINY_WARNING}", file=sys.stderr)
+    try:
+        return VisionLanguageModel.load(model_path, backend=args.backend, device=args.device,
+                                        dtype=args.dtype, system_prompt=args.system_prompt)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        raise CliError(f"cannot load model {model_path!r}: {exc}") from exc
+
+
+def _load_image(path: str):
+    from .model.preprocess import load_image
+
+    try:
+        return load_image(path)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """One question, one image."""
+    gen = _generation_config(args)
+    image = _load_image(args.image)
+    vlm = _load_model(args)
+    try:
+        result = vlm.ask(image, args.question, generation=gen, choices=args.choice)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(result.text)
+    if args.json:
+        print(json.dumps(result.to_json_dict() | {"model_id": vlm.description}))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Read questions from stdin; answers stream to stdout. /reset forgets, /quit ends."""
+    gen = _generation_config(args)
+    vlm = _load_model(args)
+    encoded = vlm.encode_image(_load_image(args.image))
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    print(f"chatting about {args.image} with {vlm.description}; /reset, /quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print("USER> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        question = line.strip()
+        if not question:
+            continue
+        if question == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        printed = 0
+
+        def stream(text: str, _n: int) -> None:
+            nonlocal printed
+            text = text.lstrip()
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+
+        try:
+            result = vlm.ask(encoded, question, history, gen, on_text=stream)
+        except ValueError as exc:
+            print(f"\nllava-phi: error: {exc}", file=sys.stderr)
+            continue
+        print(result.text[printed:] if printed <= len(result.text) else "", flush=True)
+        history.append((question, result.text))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any supported layout -> the canonical layout."""
+    from .model.checkpoint import convert_checkpoint
+
+    max_bytes = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
+    try:
+        info = convert_checkpoint(args.model, args.out, overwrite=args.overwrite,
+                                  max_shard_bytes=max_bytes)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot convert {args.model!r}: {exc}") from exc
+    print(f"wrote {args.out} (from {info})")
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `llava-phi` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"llava-phi: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

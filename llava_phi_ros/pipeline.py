@@ -1,0 +1,240 @@
+"""Image + question in, answer out: preprocessing, prompt, backend, shared generation loop.
+
+ROS-free; the CLI and the ROS service core both sit on top of `VisionLanguageModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .backends.base import Backend, BackendError
+from .model.builtin import BUILTIN_TINY, build_builtin_tiny
+from .model.generation import (
+    ChoiceScores,
+    ContextOverflowError,
+    GenerationConfig,
+    expanded_length,
+    generate,
+    score_choices,
+)
+from .model.preprocess import ImagePreprocessConfig, preprocess_image
+from .model.prompt import STOP_STRING, build_prompt, tokenize_prompt
+from .model.tokenizer import Tokenizer, load_tokenizer
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+MAX_QUESTION_CHARS = 4000
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: bad path, files, layout or backend."""
+
+
+@dataclass
+class EncodedImage:
+    """An image run through preprocessing, the vision tower and the projector."""
+
+    features: Any  # backend tensor (N, D)
+    vision_ms: float
+
+
+@dataclass
+class AskResult:
+    """One answer with everything a caller may report about it."""
+
+    text: str
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+    choice_logprobs: list[float] = field(default_factory=list)
+    choice_probs: list[float] = field(default_factory=list)
+    choice_index: int = -1
+    prompt_tokens: int = 0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_ms: float = 0.0
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The `llava-phi ask --json` object."""
+        out: dict[str, Any] = {
+            "answer": self.text,
+            "finish_reason": self.finish_reason,
+            "token_ids": self.token_ids,
+            "token_logprobs": self.token_logprobs,
+        }
+        if self.choices:
+            out |= {"choices": self.choices, "choice_logprobs": self.choice_logprobs,
+                    "choice_probs": self.choice_probs, "choice_index": self.choice_index}
+        out |= {"prompt_tokens": self.prompt_tokens, "vision_ms": self.vision_ms,
+                "prefill_ms": self.prefill_ms,
+                "time_to_first_token_ms": self.time_to_first_token_ms,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "total_ms": self.total_ms}
+        return out
+
+
+def _ms(start: float, end: float | None = None) -> float:
+    return ((end if end is not None else time.perf_counter()) - start) * 1000.0
+
+
+class VisionLanguageModel:
+    """A backend plus the tokenizer and preprocessing that belong to its checkpoint."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer,
+                 preprocess: ImagePreprocessConfig, description: str = "",
+                 system_prompt: str | None = None):
+        if preprocess.image_size != backend.config.vision.image_size:
+            raise ModelLoadError(f"preprocessor crop size {preprocess.image_size} != the vision "
+                                 f"tower's image_size {backend.config.vision.image_size}")
+        if tokenizer.vocab_size > backend.config.text.vocab_size:
+            raise ModelLoadError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                                 f"vocabulary only {backend.config.text.vocab_size}")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.description = description or backend.model_id
+        self.system_prompt = system_prompt
+        self.is_builtin_toy = False
+
+    # ----- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_path: str, backend: str = "torch", device: str = "cpu",
+             dtype: str | None = None, max_context: int | None = None,
+             system_prompt: str | None = None) -> VisionLanguageModel:
+        """`builtin:tiny` or a checkpoint directory (either supported layout)."""
+        from .backends.torch_backend import TorchBackend, check_device, resolve_dtype
+
+        if backend not in BACKENDS:
+            raise ModelLoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if backend != "torch":
+            raise ModelLoadError(f"backend {backend!r} is not implemented yet; use --backend torch")
+        try:
+            torch_device = check_device(device)
+            torch_dtype = resolve_dtype(dtype, torch_device.type)
+        except BackendError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        precision = str(torch_dtype).removeprefix("torch.")
+        if model_path == BUILTIN_TINY:
+            model, tokenizer, preprocess = build_builtin_tiny()
+            model = model.to(torch_device, torch_dtype)
+            name = f"{BUILTIN_TINY} (random, untrained)"
+        else:
+            model, tokenizer, preprocess = _load_checkpoint_dir(model_path, torch_device,
+                                                                torch_dtype)
+            name = Path(model_path).resolve().name
+        model_id = f"{name}/{backend}/{precision}"
+        vlm = cls(TorchBackend(model, max_context, model_id), tokenizer, preprocess, model_id,
+                  system_prompt)
+        vlm.is_builtin_toy = model_path == BUILTIN_TINY
+        return vlm
+
+    # ----- inference --------------------------------------------------------------------------
+    def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
+        """Preprocess (exact CPU path) and run the vision tower + projector."""
+        start = time.perf_counter()
+        pixels = preprocess_image(image, self.preprocess)  # (3, S, S) float32
+        features = self.backend.encode_image(pixels)
+        self.backend.synchronize()
+        return EncodedImage(features, _ms(start))
+
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids (with one IMAGE_TOKEN_INDEX) of the phi-2_v0 prompt for this question."""
+        question = question.strip()
+        if not question:
+            raise ValueError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question has {len(question)} characters; the limit is "
+                             f"{MAX_QUESTION_CHARS}")
+        prompt = build_prompt(question, history, self.system_prompt)
+        return tokenize_prompt(prompt, self.tokenizer, num_images=1)
+
+    def ask(self, image: Image.Image | np.ndarray | EncodedImage, question: str,
+            history: Sequence[tuple[str, str]] = (),
+            generation: GenerationConfig | None = None, choices: Sequence[str] = (),
+            on_text: Callable[[str, int], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> AskResult:
+        """Answer a question about one image (free text, or the best of `choices`)."""
+        start = time.perf_counter()
+        generation = (generation or GenerationConfig()).validate()
+        ids = self.prompt_ids(question, history)
+        n_image = self.backend.config.num_image_tokens
+        prompt_len = expanded_length(ids, n_image)
+        if prompt_len >= self.backend.max_context:
+            raise ContextOverflowError(f"the prompt needs {prompt_len} positions; the context "
+                                       f"has {self.backend.max_context}")
+        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        vision_ms = 0.0 if isinstance(image, EncodedImage) else encoded.vision_ms
+        prefill_start = time.perf_counter()
+        logits = self.backend.prefill(ids, encoded.features, start_pos=0)
+        self.backend.synchronize()
+        prefill_ms = _ms(prefill_start)
+        result = AskResult(text="", finish_reason="stop", prompt_tokens=prompt_len,
+                           vision_ms=vision_ms, prefill_ms=prefill_ms)
+        if choices:
+            scores = self._score(question, history, ids, choices)
+            result.text = choices[scores.index]
+            result.choices = list(choices)
+            result.choice_logprobs, result.choice_probs = scores.logprobs, scores.probs
+            result.choice_index = scores.index
+            result.time_to_first_token_ms = _ms(start)
+        else:
+            gen = generate(self.backend, logits, prompt_len, self.tokenizer.eos_token_id,
+                           self.tokenizer.decode, generation, on_text, should_cancel)
+            result.text = gen.text.strip()
+            result.finish_reason = gen.finish_reason
+            result.token_ids, result.token_logprobs = gen.token_ids, gen.token_logprobs
+            if gen.first_token_time is not None:
+                result.time_to_first_token_ms = _ms(start, gen.first_token_time)
+            result.decode_tokens_per_s = gen.decode_tokens_per_s
+        result.total_ms = _ms(start)
+        return result
+
+    def _score(self, question: str, history: Sequence[tuple[str, str]], prompt_ids: list[int],
+               choices: Sequence[str]) -> ChoiceScores:
+        """Each choice as the assistant's whole answer: ' ' + choice + stop token after the
+        prompt, tokenised together with it (as training text renders an answer)."""
+        prompt = build_prompt(question.strip(), history, self.system_prompt)
+        full = []
+        for choice in choices:
+            if not choice.strip():
+                raise ValueError("a choice is empty")
+            full.append(tokenize_prompt(f"{prompt} {choice.strip()}{STOP_STRING}",
+                                        self.tokenizer, num_images=1))
+        return score_choices(self.backend, prompt_ids, full, self.backend.config.num_image_tokens)
+
+
+def _load_checkpoint_dir(model_path: str, device: Any, dtype: Any):
+    """Model, tokenizer and preprocessing from one checkpoint directory."""
+    from .model.checkpoint import load_model
+    from .model.config import LlavaPhiConfig
+
+    path = Path(model_path)
+    if not model_path:
+        raise ModelLoadError("model path is empty")
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {model_path!r} does not exist")
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    cfg: LlavaPhiConfig = model.config
+    pre_file = path / "preprocessor_config.json"
+    pad = cfg.image_aspect_ratio == "pad"
+    if pre_file.is_file():
+        try:
+            pre_dict = json.loads(pre_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{pre_file}: unreadable preprocessor config: {exc}") from exc
+        preprocess = ImagePreprocessConfig.from_dict(pre_dict, pad_to_square=pad)
+    else:
+        preprocess = ImagePreprocessConfig(image_size=cfg.vision.image_size,
+                                           shortest_edge=cfg.vision.image_size,
+                                           pad_to_square=pad)
+    return model, tokenizer, preprocess
