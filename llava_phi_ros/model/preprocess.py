@@ -17,6 +17,9 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL filter ids (NEAREST 0, LANCZOS 1, BILINEAR 2, BICUBIC 3, BOX 4, HAMMING 5) as ints:
+# Image.Resampling needs Pillow >= 9.1 and Ubuntu 22.04 (JetPack 6) ships 9.0.
+BICUBIC = 3
 
 
 class ImagePreprocessError(ValueError):
@@ -46,7 +49,7 @@ class ImagePreprocessConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     rescale_factor: float = 1 / 255
-    resample: int = int(Image.Resampling.BICUBIC)
+    resample: int = BICUBIC
     pad_to_square: bool = True  # the model config's image_aspect_ratio "pad"; no transformers key
     do_resize: bool = True
     do_center_crop: bool = True
@@ -63,7 +66,7 @@ class ImagePreprocessConfig:
                                         f"{self.image_mean}, {self.image_std}")
         if any(s <= 0 for s in self.image_std):
             raise PreprocessConfigError(f"image_std must be positive, got {self.image_std}")
-        if self.resample not in {int(r) for r in Image.Resampling}:
+        if self.resample not in range(6):
             raise PreprocessConfigError(f"resample must be a PIL filter (0-5), got {self.resample}")
 
     @property
@@ -98,7 +101,7 @@ class ImagePreprocessConfig:
                 image_mean=_triple(d.get("image_mean", CLIP_MEAN)),
                 image_std=_triple(d.get("image_std", CLIP_STD)),
                 rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-                resample=int(d.get("resample", Image.Resampling.BICUBIC)),
+                resample=int(d.get("resample", BICUBIC)),
                 pad_to_square=pad_to_square,
                 do_resize=bool(d.get("do_resize", True)),
                 do_center_crop=bool(d.get("do_center_crop", True)),
@@ -192,7 +195,7 @@ def preprocess_image(image: Image.Image | np.ndarray,
         img = expand_to_square(img, cfg.background_rgb)
     if cfg.do_resize:
         h, w = _shortest_edge_size(img.height, img.width, cfg.shortest_edge)
-        img = img.resize((w, h), resample=Image.Resampling(cfg.resample), reducing_gap=None)
+        img = img.resize((w, h), resample=cfg.resample, reducing_gap=None)
     x = np.asarray(img).transpose(2, 0, 1)  # (3, H, W) uint8
     if cfg.do_center_crop:
         x = _center_crop(x, cfg.image_size)  # (3, S, S)
