@@ -154,6 +154,8 @@ class VisionLanguageModel:
         if len(question) > MAX_QUESTION_CHARS:
             raise ValueError(f"the question has {len(question)} characters; the limit is "
                              f"{MAX_QUESTION_CHARS}")
+        if STOP_STRING in question:
+            raise ValueError(f"the question contains the stop token {STOP_STRING!r}")
         prompt = build_prompt(question, history, self.system_prompt)
         return tokenize_prompt(prompt, self.tokenizer, num_images=1)
 
