@@ -338,6 +338,10 @@ def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_typ
             unexpected.append(f"{source[_POSITION_IDS]} (a position_ids buffer that is not "
                               f"arange({n}): shape {tuple(ids.shape)}, dtype {ids.dtype})")
 
+    bias = state.get("lm_head.bias")
+    if bias is not None and bias.is_floating_point() and not bias.any():
+        notes.append("lm_head.bias is all zeros: Phi-2's is not, so it was probably dropped and "
+                     "re-created on the way (transformers 4.48.0 or >= 4.52 llava)")
     unexpected += [source[k] for k in state if k not in expected]
     missing = [stored_name(k) for k in expected if k not in state]
     mismatched = [

@@ -1,0 +1,438 @@
+"""Checkpoint reading, verification and conversion, on tiny random models written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llava_phi_ros.model.checkpoint import (
+    BIN_FILE,
+    BIN_INDEX,
+    LAYOUT_HF_NEW,
+    LAYOUT_HF_OLD,
+    LAYOUT_ORIGINAL,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    CheckpointError,
+    CheckpointMismatchError,
+    convert_checkpoint,
+    load_model,
+    read_checkpoint,
+    save_canonical,
+    save_llava_hf_layout,
+    save_original_layout,
+)
+from llava_phi_ros.model.config import ConfigError
+from llava_phi_ros.model.llava_phi import LlavaPhiForCausalLM
+from llava_phi_ros.model.preprocess import ImagePreprocessConfig
+from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
+from llava_phi_ros.model.tokenizer import build_byte_tokenizer, load_tokenizer
+
+from .reference import random_tiny_model
+
+SEED = 1
+PROMPT = [5, 17, 3, IMAGE_TOKEN_INDEX, 9, 42, 7, 11]
+FC1 = "model.layers.0.mlp.fc1.weight"
+POSITION_IDS = "model.vision_tower.vision_model.embeddings.position_ids"
+
+
+@pytest.fixture(scope="module")
+def model() -> LlavaPhiForCausalLM:
+    return random_tiny_model(seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(1, 3, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def logits(model, pixels) -> torch.Tensor:
+    return all_logits(model, pixels)
+
+
+def all_logits(model: LlavaPhiForCausalLM, pixels: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of PROMPT with the image spliced in."""
+    with torch.no_grad():
+        embeds = model.embed(PROMPT, model.encode_images(pixels))
+        return model.forward_embeds(embeds, model.new_cache(64), 0, last_only=False)[0]
+
+
+def original_with(tmp_path: Path, model: LlavaPhiForCausalLM, edit) -> Path:
+    """An original-layout checkpoint whose state dict went through `edit(dict) -> None`."""
+    d = save_original_layout(model, tmp_path / "ckpt")
+    state = load_file(d / SAFETENSORS_FILE)
+    edit(state)
+    save_file(state, d / SAFETENSORS_FILE)
+    return d
+
+
+# ----- every layout loads to the same logits ------------------------------------------------
+WRITERS = {
+    "original": (lambda m, d: save_original_layout(m, d), LAYOUT_ORIGINAL,
+                 (SAFETENSORS_FILE,)),
+    "original-3-shards": (lambda m, d: save_original_layout(m, d, shards=3), LAYOUT_ORIGINAL,
+                          (SAFETENSORS_INDEX, "model-00001-of-00003.safetensors",
+                           "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")),
+    "original-bin": (lambda m, d: save_original_layout(m, d, fmt="bin"), LAYOUT_ORIGINAL,
+                     (BIN_FILE,)),
+    "original-bin-2-shards": (lambda m, d: save_original_layout(m, d, fmt="bin", shards=2),
+                              LAYOUT_ORIGINAL, (BIN_INDEX, "pytorch_model-00001-of-00002.bin",
+                                                "pytorch_model-00002-of-00002.bin")),
+    "llava-1.5-extra-level": (lambda m, d: save_original_layout(m, d, llava15_vision_tower=True),
+                              LAYOUT_ORIGINAL, (SAFETENSORS_FILE,)),
+    "hf-new": (lambda m, d: save_llava_hf_layout(m, d, key_style="new"), LAYOUT_HF_NEW,
+               (SAFETENSORS_FILE,)),
+    "hf-new-vision_model": (lambda m, d: save_llava_hf_layout(m, d, "new",
+                                                              clip_vision_model_level=True),
+                            LAYOUT_HF_NEW, (SAFETENSORS_FILE,)),
+    "hf-old": (lambda m, d: save_llava_hf_layout(m, d, key_style="old"), LAYOUT_HF_OLD,
+               (SAFETENSORS_FILE,)),
+    "hf-old-no-vision_model": (lambda m, d: save_llava_hf_layout(m, d, "old",
+                                                                 clip_vision_model_level=False),
+                               LAYOUT_HF_OLD, (SAFETENSORS_FILE,)),
+    "hf-old-bin": (lambda m, d: save_llava_hf_layout(m, d, key_style="old", fmt="bin"),
+                   LAYOUT_HF_OLD, (BIN_FILE,)),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_every_layout_loads_to_identical_logits(tmp_path, model, pixels, logits, name):
+    write, layout, files = WRITERS[name]
+    d = write(model, tmp_path / name)
+    loaded = load_model(d)
+    assert not loaded.training
+    assert loaded.checkpoint_info.layout == layout
+    assert loaded.checkpoint_info.files == files
+    assert loaded.checkpoint_info.num_parameters == sum(p.numel() for p in model.parameters())
+    assert all(p.device.type == "cpu" for p in [*loaded.parameters(), *loaded.buffers()])
+    assert torch.equal(all_logits(loaded, pixels), logits)
+
+
+def test_hf_writer_uses_the_keys_transformers_uses(tmp_path, model):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlavaConfig.from_dict(model.config.to_llava_hf_dict())
+    with torch.device("meta"):
+        hf = transformers.LlavaForConditionalGeneration(cfg)
+    ours = set(load_file(save_llava_hf_layout(model, tmp_path / "new") / SAFETENSORS_FILE))
+    assert ours - set(hf.state_dict()) == {"lm_head.bias"}  # the bias transformers drops
+    assert set(hf.state_dict()) - ours == set()
+
+
+def test_transformers_save_pretrained_output_hits_the_bias_trap(tmp_path, model):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig.from_dict(model.config.to_llava_hf_dict()))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointMismatchError, match=r"missing language_model\.lm_head\.bias: "
+                                                       r".*transformers >= 4\.52") as err:
+        load_model(tmp_path / "hf")
+    assert err.value.missing == ["lm_head.bias"]
+    assert not err.value.unexpected and not err.value.mismatched  # every other key maps
+
+
+# ----- conversion -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["original-bin", "hf-old"])
+def test_convert_round_trip_gives_identical_logits(tmp_path, model, pixels, logits, layout):
+    src = WRITERS[layout][0](model, tmp_path / "src")
+    build_byte_tokenizer().save(src)
+    info = convert_checkpoint(src, tmp_path / "dst")
+    assert info.layout == WRITERS[layout][1]
+    dst = tmp_path / "dst"
+    assert {p.name for p in dst.iterdir()} >= {"config.json", SAFETENSORS_FILE, "tokenizer.json",
+                                               "preprocessor_config.json"}
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "llava_phi"
+    assert json.loads((dst / "config.json").read_text())["eos_token_id"] == 256
+    assert ImagePreprocessConfig.from_dict(
+        json.loads((dst / "preprocessor_config.json").read_text())).image_size == 28
+    assert load_tokenizer(dst).eos_token_id == 256
+    loaded = load_model(dst)
+    assert loaded.checkpoint_info.layout == LAYOUT_ORIGINAL
+    assert torch.equal(all_logits(loaded, pixels), logits)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
+
+
+def test_convert_keeps_source_preprocessing_and_shards(tmp_path, model, pixels, logits):
+    pre = ImagePreprocessConfig.for_image_size(28, image_mean=(0.5, 0.5, 0.5))
+    src = save_original_layout(model, tmp_path / "src", tokenizer=build_byte_tokenizer(),
+                               preprocess_config=pre)
+    convert_checkpoint(src, tmp_path / "dst", max_shard_bytes=100_000)
+    dst = tmp_path / "dst"
+    index = json.loads((dst / SAFETENSORS_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((dst / s).is_file() for s in shards)
+    assert not (dst / SAFETENSORS_FILE).exists()
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in model.state_dict().values())
+    assert json.loads((dst / "preprocessor_config.json").read_text()) == pre.to_dict()
+    assert torch.equal(all_logits(load_model(dst), pixels), logits)
+
+
+def test_convert_refuses_a_non_empty_destination_unless_overwrite(tmp_path, model):
+    src = save_original_layout(model, tmp_path / "src", tokenizer=build_byte_tokenizer())
+    convert_checkpoint(src, tmp_path / "dst")
+    with pytest.raises(CheckpointError, match=r"dst is not empty; pass overwrite=True"):
+        convert_checkpoint(src, tmp_path / "dst")
+    (tmp_path / "dst" / "stale.txt").write_text("old")
+    convert_checkpoint(src, tmp_path / "dst", overwrite=True)
+    assert not (tmp_path / "dst" / "stale.txt").exists()
+    assert load_model(tmp_path / "dst").checkpoint_info.layout == LAYOUT_ORIGINAL
+    with pytest.raises(CheckpointError, match="onto itself"):
+        convert_checkpoint(src, src, overwrite=True)
+
+
+def test_failed_convert_leaves_nothing(tmp_path, model):
+    src = save_original_layout(model, tmp_path / "src")  # no tokenizer
+    with pytest.raises(CheckpointError, match="needs the tokenizer"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_preserves_bf16(tmp_path, model, pixels, logits):
+    bf16 = random_tiny_model(seed=SEED).to(torch.bfloat16)
+    src = save_original_layout(bf16, tmp_path / "src", tokenizer=build_byte_tokenizer())
+    info = convert_checkpoint(src, tmp_path / "dst")
+    assert info.dtypes == ("bfloat16",)
+    written = load_file(tmp_path / "dst" / SAFETENSORS_FILE)
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert all(torch.equal(written[k], t) for k, t in bf16.state_dict().items())
+    as_stored = load_model(tmp_path / "dst", dtype=None)
+    assert {p.dtype for p in as_stored.parameters()} == {torch.bfloat16}
+    assert torch.equal(all_logits(as_stored, pixels), all_logits(bf16, pixels))
+    assert load_model(tmp_path / "dst").dtype == torch.float32  # the default upcasts on load
+
+
+def test_load_in_fp16(tmp_path, model, pixels, logits):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    half = load_model(d, dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    out = all_logits(half, pixels)
+    assert torch.isfinite(out).all()
+    assert float((out - logits).abs().max() / logits.abs().max()) < 2e-2
+
+
+def test_save_canonical_writes_atomically_and_refuses_overwrite(tmp_path, model, pixels, logits):
+    d = save_canonical(model, tmp_path / "out", tokenizer=build_byte_tokenizer())
+    assert {p.name for p in d.iterdir()} >= {"config.json", SAFETENSORS_FILE, "tokenizer.json",
+                                             "preprocessor_config.json"}
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_canonical(model, d)
+    save_canonical(model, d, overwrite=True)
+    assert torch.equal(all_logits(load_model(d), pixels), logits)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        save_canonical(model, tmp_path / "file")
+
+
+def test_progress_bar_only_over_threshold(tmp_path, model, capsys):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    load_model(d)
+    assert capsys.readouterr().err == ""
+    load_model(d, progress_threshold_bytes=0)
+    assert "reading ckpt" in capsys.readouterr().err
+
+
+# ----- position_ids --------------------------------------------------------------------------
+def test_arange_position_ids_are_dropped(tmp_path, model, pixels, logits):
+    d = original_with(tmp_path, model, lambda s: s.update({POSITION_IDS: torch.arange(5)[None]}))
+    loaded = load_model(d)
+    assert any("position_ids" in n for n in loaded.checkpoint_info.notes)
+    assert torch.equal(all_logits(loaded, pixels), logits)
+
+
+def test_hf_position_ids_are_dropped(tmp_path, model):
+    d = save_llava_hf_layout(model, tmp_path / "hf", key_style="old")
+    state = load_file(d / SAFETENSORS_FILE)
+    state["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(5)[None]
+    save_file(state, d / SAFETENSORS_FILE)
+    assert load_model(d).checkpoint_info.layout == LAYOUT_HF_OLD
+
+
+@pytest.mark.parametrize("ids", [torch.arange(5).flip(0)[None], torch.arange(6)[None],
+                                 torch.arange(5.0)[None]])
+def test_other_position_ids_are_refused(tmp_path, model, ids):
+    d = original_with(tmp_path, model, lambda s: s.update({POSITION_IDS: ids}))
+    with pytest.raises(CheckpointError, match=rf"unexpected keys: {POSITION_IDS} \(a position_ids "
+                                              r"buffer that is not arange\(5\)"):
+        load_model(d)
+
+
+# ----- errors ---------------------------------------------------------------------------------
+def test_missing_key_is_named(tmp_path, model):
+    d = original_with(tmp_path, model, lambda s: s.pop("lm_head.bias"))
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys: lm_head\.bias$"):
+        load_model(d)
+
+
+def test_unexpected_key_is_named(tmp_path, model):
+    d = original_with(tmp_path, model, lambda s: s.update({"model.extra.weight": torch.ones(2)}))
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: model\.extra\.weight$"):
+        load_model(d)
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path, model):
+    d = original_with(tmp_path, model, lambda s: s.update({FC1: torch.zeros(81, 40)}))
+    with pytest.raises(CheckpointMismatchError,
+                       match=rf"shape mismatches: {FC1} \(expected \(80, 40\), found \(81, 40\)\)"):
+        load_model(d)
+
+
+def test_all_problems_are_reported_together(tmp_path, model):
+    def edit(state):
+        state.pop("lm_head.bias")
+        state.pop("model.final_layernorm.weight")
+        state["model.extra.weight"] = torch.ones(2)
+        state[FC1] = torch.zeros(81, 40)
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_model(original_with(tmp_path, model, edit))
+    assert sorted(err.value.missing) == ["lm_head.bias", "model.final_layernorm.weight"]
+    assert err.value.unexpected == ["model.extra.weight"]
+    assert len(err.value.mismatched) == 1
+    message = str(err.value)
+    assert "\n" not in message
+    for name in ("lm_head.bias", "model.final_layernorm.weight", "model.extra.weight", FC1):
+        assert name in message
+
+
+def test_hf_mismatch_names_keys_as_stored(tmp_path, model):
+    d = save_llava_hf_layout(model, tmp_path / "hf", key_style="old")
+    state = load_file(d / SAFETENSORS_FILE)
+    state.pop("language_model.model.final_layernorm.bias")
+    state["multi_modal_projector.linear_3.weight"] = torch.ones(1)
+    save_file(state, d / SAFETENSORS_FILE)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"missing keys: language_model\.model\.final_layernorm\.bias; "
+                             r"unexpected keys: multi_modal_projector\.linear_3\.weight$"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("key_style", ["new", "old"])
+def test_dropped_lm_head_bias_is_refused_with_the_reason(tmp_path, model, key_style):
+    d = save_llava_hf_layout(model, tmp_path / "hf", key_style=key_style, drop_lm_head_bias=True)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"lm_head\.bias: .*no lm_head bias.*transformers >= 4\.52 "
+                             r"LlavaForConditionalGeneration"):
+        load_model(d)
+
+
+def test_wrong_layout_hints_at_model_type(tmp_path, model):
+    d = save_llava_hf_layout(model, tmp_path / "hf")
+    cfg = model.config.to_original_dict()
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatchError, match="model_type 'llava_phi' right"):
+        load_model(d)
+
+
+def test_truncated_safetensors_is_corrupt(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    data = (d / SAFETENSORS_FILE).read_bytes()
+    (d / SAFETENSORS_FILE).write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors file"):
+        load_model(d)
+
+
+def test_truncated_shard_is_named(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt", shards=3)
+    shard = d / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: corrupt"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("content", [b"garbage", None])
+def test_corrupt_bin_is_refused(tmp_path, model, content):
+    d = save_original_layout(model, tmp_path / "ckpt", fmt="bin")
+    data = (d / BIN_FILE).read_bytes()
+    (d / BIN_FILE).write_bytes(content if content is not None else data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: corrupt or unsafe"):
+        load_model(d)
+
+
+def test_bin_that_is_not_a_state_dict(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt", fmt="bin")
+    torch.save({"state_dict": {"a": torch.ones(1)}}, d / BIN_FILE)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_model(d)
+
+
+def test_index_naming_a_missing_shard(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt", shards=3)
+    (d / "model-00003-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"index\.json: names shard files that do not "
+                                              r"exist: model-00003-of-00003\.safetensors$"):
+        load_model(d)
+
+
+def test_index_naming_the_wrong_shard(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt", shards=3)
+    index = json.loads((d / SAFETENSORS_INDEX).read_text())
+    index["weight_map"]["lm_head.bias"] = "model-00001-of-00003.safetensors"
+    (d / SAFETENSORS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"not found in the shard the index names: "
+                                              r"lm_head\.bias \(model-00001-of-00003"):
+        load_model(d)
+
+
+def test_unparsable_index(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt", shards=2)
+    (d / SAFETENSORS_INDEX).write_text("{")
+    with pytest.raises(CheckpointError, match=r"index\.json: cannot parse the index"):
+        load_model(d)
+
+
+def test_no_weight_files_names_what_was_looked_for(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    (d / SAFETENSORS_FILE).unlink()
+    looked_for = r"model\.safetensors, model\.safetensors\.index\.json, pytorch_model\.bin, "
+    with pytest.raises(CheckpointError, match=rf"no weight files \(looked for {looked_for}"
+                                              r"pytorch_model\.bin\.index\.json\)"):
+        load_model(d)
+
+
+def test_config_errors(tmp_path, model):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        load_model(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: no config\.json \(the directory is empty\)"):
+        load_model(tmp_path / "empty")
+    d = save_original_layout(model, tmp_path / "ckpt")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt: no config\.json$"):
+        load_model(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot parse config\.json"):
+        load_model(d)
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*model_type 'bert'") as err:
+        load_model(d)
+    assert isinstance(err.value, ConfigError)
+
+
+def test_several_stored_dtypes_need_an_explicit_dtype(tmp_path, model):
+    d = original_with(tmp_path, model, lambda s: s.update({FC1: s[FC1].half()}))
+    with pytest.raises(CheckpointError, match="several dtypes .*float16, float32"):
+        load_model(d, dtype=None)
+    assert load_model(d).dtype == torch.float32
+    _, state, info = read_checkpoint(d)
+    assert state[FC1].dtype == torch.float16 and info.dtypes == ("float16", "float32")
+
+
+def test_safetensors_preferred_over_bin(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    torch.save({"junk": torch.ones(1)}, d / BIN_FILE)
+    assert load_model(d).checkpoint_info.files == (SAFETENSORS_FILE,)
+    with safe_open(str(d / SAFETENSORS_FILE), "pt") as f:
+        assert "lm_head.bias" in f.keys()  # noqa: SIM118
+
+
+def test_all_zero_lm_head_bias_is_flagged(tmp_path, model):
+    d = original_with(tmp_path, model, lambda s: s["lm_head.bias"].zero_())
+    assert any("lm_head.bias is all zeros" in n for n in load_model(d).checkpoint_info.notes)
+    assert not any("zeros" in n for n in load_model(save_original_layout(
+        model, tmp_path / "ok")).checkpoint_info.notes)
