@@ -436,3 +436,15 @@ def test_all_zero_lm_head_bias_is_flagged(tmp_path, model):
     assert any("lm_head.bias is all zeros" in n for n in load_model(d).checkpoint_info.notes)
     assert not any("zeros" in n for n in load_model(save_original_layout(
         model, tmp_path / "ok")).checkpoint_info.notes)
+
+
+def test_convert_refuses_preprocessing_for_another_image_size(tmp_path, model):
+    src = save_original_layout(model, tmp_path / "src", tokenizer=build_byte_tokenizer(),
+                               preprocess_config=ImagePreprocessConfig())  # 336 px, model 28 px
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: crop size 336 != the "
+                                              r"vision tower's image_size 28"):
+        convert_checkpoint(src, tmp_path / "dst")
+    (src / "preprocessor_config.json").write_text("[")
+    with pytest.raises(CheckpointError, match=r"cannot parse preprocessor_config\.json"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

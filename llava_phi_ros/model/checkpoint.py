@@ -27,6 +27,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -300,16 +301,12 @@ def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_typ
         key_style, clip_level = _hf_key_style(keys)
         layout = LAYOUT_HF_NEW if key_style == "new" else LAYOUT_HF_OLD
         to_canonical = _hf_to_canonical
-
-        def stored_name(k: str) -> str:
-            return _canonical_to_hf(k, key_style, clip_level)
+        stored_name = partial(_canonical_to_hf, key_style=key_style,
+                              clip_vision_model_level=clip_level)
         if not clip_level:
             notes.append("CLIP keys without a vision_model. level (transformers >= 5)")
     else:
-        layout, to_canonical = LAYOUT_ORIGINAL, _original_to_canonical
-
-        def stored_name(k: str) -> str:
-            return k
+        layout, to_canonical, stored_name = LAYOUT_ORIGINAL, _original_to_canonical, str
         if any(k.startswith(_LLAVA15_VISION) for k in keys):
             notes.append("mapped LLaVA-1.5 model.vision_tower.vision_tower.* keys")
 
@@ -612,14 +609,14 @@ def _read_preprocess(src: Path, cfg: LlavaPhiConfig) -> ImagePreprocessConfig:
         return _default_preprocess(cfg)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot parse {PREPROCESSOR_FILE}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: {PREPROCESSOR_FILE} is not a JSON object")
+    try:
         pre = ImagePreprocessConfig.from_dict(raw, pad_to_square=cfg.image_aspect_ratio == "pad")
-    except (OSError, ValueError) as exc:  # PreprocessConfigError and JSON errors are ValueErrors
-        if isinstance(exc, CheckpointError):
-            raise
-        kind = "bad" if isinstance(exc, PreprocessConfigError) else "cannot parse"
-        raise CheckpointError(f"{path}: {kind} {PREPROCESSOR_FILE}: {exc}") from exc
+    except PreprocessConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     if pre.image_size != cfg.vision.image_size:
         raise CheckpointError(f"{path}: crop size {pre.image_size} != the vision tower's "
                               f"image_size {cfg.vision.image_size}")
