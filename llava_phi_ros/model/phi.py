@@ -52,6 +52,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
         self.dim = dim
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves, but keep the tables fp32 when the model is cast to fp16/bf16."""
+        return super()._apply(lambda t: t.to(fn(t.new_empty(0)).device), recurse)
+
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         # x: (B, H, T, Dh); rotation computed in fp32, then cast back.
         t = x.shape[2]
