@@ -72,6 +72,11 @@ else
     log "venv $VENV exists ($("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'))"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# The pip a new venv starts with (23.x on Python 3.11) is old and noisy; any recent one will do.
+if ! "$VENV/bin/python" -c 'import sys, pip; sys.exit(int(pip.__version__.split(".")[0]) < 24)'; then
+    log "upgrading pip"
+    "${PIP[@]}" install -q "pip>=24"
+fi
 
 # --- 3. Pinned requirements (torch first, alone) -------------------------------------------------
 want="$( (cat "$REQS"; "$VENV/bin/python" -c 'import sys; print(sys.version)') | sha256sum | cut -d' ' -f1)"
