@@ -106,6 +106,7 @@ PROBE = textwrap.dedent(
                       if k.isupper() and not k.startswith("_") and isinstance(v, str)},
         "default_temperature": req.temperature,
         "default_top_p": req.top_p,
+        "default_choice_index": Answer().choice_index,
         "default_max_new_tokens": req.max_new_tokens,
         "roundtrip": [ans2.text, list(ans2.choices), list(ans2.choice_probs),
                       res2.answer.choice_index],
@@ -152,6 +153,7 @@ def _check_interfaces(info: dict) -> None:
     assert info["constants"] == {code: code for code in ERROR_CODES}
     assert info["default_temperature"] == -1.0
     assert info["default_top_p"] == -1.0
+    assert info["default_choice_index"] == -1  # DESIGN.md: -1 when there were no choices
     assert info["default_max_new_tokens"] == 0
     assert info["roundtrip"] == ["yes", ["yes", "no"], [0.75, 0.25], 0]
 

@@ -1,4 +1,4 @@
-"""Numerical parity of the project's LLaVA-Phi with transformers' CLIP + Phi on tiny random configs."""
+"""Numerical parity of the project's LLaVA-Phi with transformers' CLIP + Phi (tiny configs)."""
 
 from __future__ import annotations
 

@@ -41,5 +41,5 @@ class Backend(ABC):
     def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
         """Feed one token at absolute position pos; fp32 logits (V,) for the next token."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op for CPU backends
         """Wait for queued device work, so wall-clock timings are honest (no-op on CPU)."""

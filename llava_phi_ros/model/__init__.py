@@ -1,1 +1,1 @@
-"""Pure PyTorch LLaVA-Phi: configs, vision tower, projector, Phi decoder, prompt, preprocessing, generation. No ROS."""
+"""Pure PyTorch LLaVA-Phi: configs, vision tower, projector, Phi, prompt, generation. No ROS."""

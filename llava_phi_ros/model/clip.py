@@ -1,4 +1,4 @@
-"""CLIP ViT vision tower, with parameter names of transformers' CLIPVisionModel (`vision_model.*`)."""
+"""CLIP ViT vision tower, with the parameter names of transformers' CLIPVisionModel."""
 
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ class TextConfig:
             raise ConfigError(f"text hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1]")
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in "
+                              "(0, 1]")
         if self.rotary_dim % 2:
             raise ConfigError(f"rotary dims {self.rotary_dim} (head_dim {self.head_dim} x "
                               f"partial_rotary_factor {self.partial_rotary_factor}) must be even")
@@ -222,13 +223,15 @@ class LlavaPhiConfig:
         text_d = d.get("text_config")
         vision_d = d.get("vision_config")
         if not isinstance(text_d, dict) or not isinstance(vision_d, dict):
-            raise ConfigError("config.json of model_type 'llava' needs text_config and vision_config")
+            raise ConfigError("config.json of model_type 'llava' needs text_config and "
+                              "vision_config")
         if text_d.get("model_type", "phi") != "phi":
             raise ConfigError(f"text_config.model_type is {text_d.get('model_type')!r}; only a "
                               "Phi text backbone is supported")
         act = d.get("projector_hidden_act", "gelu")
         if act != "gelu":
-            raise ConfigError(f"projector_hidden_act {act!r} is not supported (LLaVA-Phi uses gelu)")
+            raise ConfigError(f"projector_hidden_act {act!r} is not supported (LLaVA-Phi uses "
+                              "gelu)")
         if d.get("multimodal_projector_bias", True) is not True:
             raise ConfigError("multimodal_projector_bias false is not supported")
         layer = d.get("vision_feature_layer", -2)
@@ -313,7 +316,7 @@ def _require_positive(cfg: Any, where: str, names: tuple[str, ...]) -> None:
 
 
 def _rope_field(d: dict[str, Any], name: str, default: float) -> float:
-    """Read a rope field from the top level or from rope_parameters/rope_scaling (transformers 5)."""
+    """A rope field from the top level or from rope_parameters/rope_scaling (transformers 5)."""
     if name in d and d[name] is not None:
         return float(d[name])
     for nested in ("rope_parameters", "rope_scaling"):

@@ -59,7 +59,7 @@ class LlavaPhiForCausalLM(nn.Module):
         return self.lm_head.weight.device
 
     def rebuild_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute the buffers checkpoints do not store (rotary cos/sin), e.g. after a meta build."""
+        """Recompute buffers that checkpoints do not store (rotary cos/sin), after a meta build."""
         with torch.device(device if device is not None else self.device):
             self.model.rotary = RotaryEmbedding(self.config.text)
 
