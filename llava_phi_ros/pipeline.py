@@ -26,7 +26,7 @@ from .model.generation import (
     score_choices,
 )
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
-from .model.prompt import STOP_STRING, build_prompt, tokenize_prompt
+from .model.prompt import IMAGE_TOKEN_INDEX, STOP_STRING, build_prompt, tokenize_prompt
 from .model.tokenizer import Tokenizer, load_tokenizer
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -58,6 +58,7 @@ class AskResult:
     choice_probs: list[float] = field(default_factory=list)
     choice_index: int = -1
     prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0  # prompt positions whose KV cache was kept from the last call
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
@@ -75,7 +76,8 @@ class AskResult:
         if self.choices:
             out |= {"choices": self.choices, "choice_logprobs": self.choice_logprobs,
                     "choice_probs": self.choice_probs, "choice_index": self.choice_index}
-        out |= {"prompt_tokens": self.prompt_tokens, "vision_ms": self.vision_ms,
+        out |= {"prompt_tokens": self.prompt_tokens,
+                "reused_prefix_tokens": self.reused_prefix_tokens, "vision_ms": self.vision_ms,
                 "prefill_ms": self.prefill_ms,
                 "time_to_first_token_ms": self.time_to_first_token_ms,
                 "decode_tokens_per_s": self.decode_tokens_per_s, "total_ms": self.total_ms}
@@ -104,6 +106,9 @@ class VisionLanguageModel:
         self.description = description or backend.model_id
         self.system_prompt = system_prompt
         self.is_builtin_toy = False
+        # What the backend's KV cache holds at positions 0..: prompt ids and the image spliced in.
+        self._cached_ids: list[int] = []
+        self._cached_image: EncodedImage | None = None
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -176,13 +181,20 @@ class VisionLanguageModel:
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
         vision_ms = 0.0 if isinstance(image, EncodedImage) else encoded.vision_ms
         prefill_start = time.perf_counter()
-        logits = self.backend.prefill(ids, encoded.features, start_pos=0)
+        keep = self._reusable_prefix(ids, encoded)
+        self._cached_ids, self._cached_image = [], None  # invalid until this call succeeds
+        rest = ids[keep:]
+        logits = self.backend.prefill(rest, encoded.features if IMAGE_TOKEN_INDEX in rest else None,
+                                      start_pos=expanded_length(ids[:keep], n_image))
         self.backend.synchronize()
         prefill_ms = _ms(prefill_start)
         result = AskResult(text="", finish_reason="stop", prompt_tokens=prompt_len,
+                           reused_prefix_tokens=expanded_length(ids[:keep], n_image),
                            vision_ms=vision_ms, prefill_ms=prefill_ms)
+        valid = len(ids)  # generation writes only after the prompt
         if choices:
             scores = self._score(question, history, ids, choices)
+            valid = scores.intact_prompt_ids  # scoring may rewind into the prompt
             result.text = choices[scores.index]
             result.choices = list(choices)
             result.choice_logprobs, result.choice_probs = scores.logprobs, scores.probs
@@ -197,8 +209,21 @@ class VisionLanguageModel:
             if gen.first_token_time is not None:
                 result.time_to_first_token_ms = _ms(start, gen.first_token_time)
             result.decode_tokens_per_s = gen.decode_tokens_per_s
+        self._cached_ids, self._cached_image = ids[:valid], encoded
         result.total_ms = _ms(start)
         return result
+
+    def _reusable_prefix(self, ids: list[int], image: EncodedImage) -> int:
+        """How many leading prompt ids already sit in the KV cache (at least one id is left to
+        prefill, so there are logits to start from). Past the image placeholder only when the
+        cache holds this very image."""
+        cached = self._cached_ids
+        keep = 0
+        while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
+            if ids[keep] == IMAGE_TOKEN_INDEX and image is not self._cached_image:
+                break
+            keep += 1
+        return keep
 
     def _score(self, question: str, history: Sequence[tuple[str, str]], prompt_ids: list[int],
                choices: Sequence[str]) -> ChoiceScores:

@@ -149,3 +149,10 @@ def test_choice_that_resplits_the_prompt_rewinds(backend, image):
     # the image cannot be re-split
     with pytest.raises(ValueError, match="image"):
         score_choices(backend, PROMPT, [[5, 17, 1]], n)
+
+
+def test_scoring_reports_the_untouched_prompt_prefix(backend, image):
+    backend.prefill(PROMPT, image)
+    scores = score_choices(backend, PROMPT, [PROMPT + [60], PROMPT[:-1] + [50, 60]],
+                           backend.config.num_image_tokens)
+    assert scores.intact_prompt_ids == len(PROMPT) - 2  # the re-split rewound one more id

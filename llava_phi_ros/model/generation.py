@@ -160,6 +160,7 @@ class ChoiceScores:
     logprobs: list[float]
     probs: list[float] = field(default_factory=list)  # normalised over the choices
     index: int = -1  # best choice
+    intact_prompt_ids: int = 0  # leading prompt ids whose KV cache scoring left untouched
 
     def __post_init__(self) -> None:
         if self.logprobs:
@@ -177,7 +178,7 @@ def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Seque
     first id where all choices and the prompt agree, and the cache is rewound to that point.
     """
     if not choice_ids:
-        return ChoiceScores([])
+        return ChoiceScores([], intact_prompt_ids=len(prompt_ids))
     shared = len(prompt_ids)
     for full in choice_ids:
         common = 0
@@ -200,4 +201,4 @@ def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Seque
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # predicts full[shared:]
         targets = torch.tensor(full[shared:], device=logp.device)
         scores.append(float(logp.gather(1, targets[:, None]).sum()))
-    return ChoiceScores(scores)
+    return ChoiceScores(scores, intact_prompt_ids=start)
