@@ -1,0 +1,376 @@
+"""What launch/assistant.launch.py computes, as pure functions tested without `launch`.
+
+The launch file declares the arguments listed in LAUNCH_ARGUMENTS and, in an OpaqueFunction,
+hands the resolved argument strings to plan_launch(); it only turns the returned LaunchPlan into
+launch_ros actions. Also here: validation of a parameters YAML (config/assistant.yaml) against
+the node's documented parameters, and the rviz config rewritten for a namespace.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DOCUMENTED_PARAMETERS",
+    "LAUNCH_ARGUMENTS",
+    "LaunchArgument",
+    "LaunchConfigError",
+    "LaunchPlan",
+    "ParameterFileError",
+    "debug_image_topic",
+    "image_topic_remappings",
+    "node_parameter_overrides",
+    "parse_bool",
+    "plan_launch",
+    "rviz_config_for_namespace",
+    "validate_namespace",
+    "validate_parameters_yaml",
+    "validate_rviz_config",
+    "validate_topic_name",
+]
+
+PACKAGE = "llava_phi_ros"
+NODE_NAME = "llava_phi"
+EXECUTABLE = "assistant"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+IMAGE_TRANSPORTS = ("raw", "compressed")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_CAMERA = "camera"
+
+
+class LaunchConfigError(ValueError):
+    """A launch argument with a value the node cannot start with."""
+
+
+class ParameterFileError(ValueError):
+    """A parameters YAML that does not match the node's parameters."""
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    """One launch argument: name, default (None = required) and description."""
+
+    name: str
+    default: str | None
+    description: str
+
+
+# `params_file` has no default string here: the launch file gives it the package's
+# config/assistant.yaml through FindPackageShare (its path is only known on the machine).
+LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
+    LaunchArgument("model_path", None,
+                   "Required. LLaVA-Phi checkpoint directory, or builtin:tiny for the embedded "
+                   "toy model (demos and tests only)."),
+    LaunchArgument("backend", "torch", "Inference backend: torch | onnxruntime | tensorrt."),
+    LaunchArgument("device", "cpu", "torch device for the model: cpu, cuda, cuda:0, ..."),
+    LaunchArgument("params_file", None,
+                   "Node parameters YAML (default: this package's config/assistant.yaml); "
+                   "model_path, backend, device and use_sim_time from these arguments override "
+                   "it."),
+    LaunchArgument("namespace", "", "Namespace of the node (and of its camera topics)."),
+    LaunchArgument("use_sim_time", "false",
+                   "Use /clock (simulation or rosbag replay): true|false."),
+    LaunchArgument("use_rviz", "false",
+                   "Also start rviz2 showing the annotated debug image: true|false."),
+    LaunchArgument("image_topic", "",
+                   "Image topic of the camera given by `camera` (e.g. /front/color/image_raw); "
+                   "remaps <camera>/image_raw to it and <camera>/image_raw/compressed to "
+                   "<image_topic>/compressed. Empty: no remapping."),
+    LaunchArgument("camera", DEFAULT_CAMERA,
+                   "Which name of the `cameras` parameter image_topic applies to (default: the "
+                   "default camera, 'camera')."),
+)
+
+# Every parameter of the node that belongs in a parameters file, with its default (DESIGN.md).
+# The node's test-only parameters are deliberately absent.
+DOCUMENTED_PARAMETERS: dict[str, Any] = {
+    "model_path": "",
+    "backend": "torch",
+    "device": "cpu",
+    "dtype": "auto",
+    "engine_dir": "",
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "system_prompt": "",
+    "cameras": ["camera"],
+    "image_transport": "raw",
+    "qos_reliable": False,
+    "max_image_age_s": 2.0,
+    "frame_buffer_s": 5.0,
+    "frame_buffer_max_mb": 256.0,
+    "stamp_tolerance_s": 0.05,
+    "query_timeout_s": 60.0,
+    "max_pending_queries": 4,
+    "session_ttl_s": 300.0,
+    "max_sessions": 16,
+    "preencode_latest": False,
+    "autostart": True,
+}
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+# A ROS name token: letters, digits, '_', not starting with a digit; '~' and '/' handled apart.
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_bool(value: str | bool, name: str) -> bool:
+    """Parse a launch boolean ("true"/"false", also 1/0, yes/no, on/off), else raise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise LaunchConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def validate_topic_name(name: str, what: str = "topic", *, allow_private: bool = False) -> str:
+    """Return a valid ROS topic name (absolute or relative) unchanged, else raise."""
+    text = str(name)
+    body = text
+    if allow_private and body.startswith("~/"):
+        body = body[2:]
+    elif body.startswith("/"):
+        body = body[1:]
+    tokens = body.split("/")
+    if not body or any(not _TOKEN.fullmatch(tok) for tok in tokens):
+        raise LaunchConfigError(
+            f"{what} {text!r} is not a valid ROS name: tokens of letters, digits and '_', "
+            "not starting with a digit, separated by single '/', no trailing '/'"
+        )
+    return text
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return the namespace ('' or a valid name) normalised to start with '/' when set."""
+    text = str(namespace).strip()
+    if text in ("", "/"):
+        return ""
+    validate_topic_name(text, "namespace")
+    return text if text.startswith("/") else "/" + text
+
+
+def image_topic_remappings(image_topic: str, camera: str = DEFAULT_CAMERA) -> list[tuple[str, str]]:
+    """Remappings sending camera ``camera``'s raw and compressed topics to ``image_topic``."""
+    topic = str(image_topic).strip()
+    if not topic:
+        return []
+    validate_topic_name(topic, "image_topic")
+    validate_topic_name(camera, "camera")
+    if camera.startswith("/"):
+        raise LaunchConfigError(f"camera {camera!r} must be a relative name, as in `cameras`")
+    return [
+        (f"{camera}/image_raw", topic),
+        (f"{camera}/image_raw/compressed", f"{topic}/compressed"),
+    ]
+
+
+def node_parameter_overrides(
+    model_path: str, backend: str, device: str, use_sim_time: str | bool
+) -> dict[str, Any]:
+    """The parameters the launch arguments set on top of params_file, validated and typed."""
+    path = str(model_path).strip()
+    if not path:
+        raise LaunchConfigError(
+            "model_path is required: a LLaVA-Phi checkpoint directory, or builtin:tiny for the "
+            "embedded toy model (e.g. model_path:=builtin:tiny)"
+        )
+    if backend not in BACKENDS:
+        raise LaunchConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if not str(device).strip():
+        raise LaunchConfigError("device must not be empty (e.g. cpu or cuda:0)")
+    return {
+        "model_path": path,
+        "backend": backend,
+        "device": str(device).strip(),
+        "use_sim_time": parse_bool(use_sim_time, "use_sim_time"),
+    }
+
+
+def debug_image_topic(namespace: str = "") -> str:
+    """The absolute topic of the node's debug image under ``namespace``."""
+    return f"{validate_namespace(namespace)}/{NODE_NAME}/debug_image"
+
+
+def rviz_config_for_namespace(config_text: str, namespace: str) -> str:
+    """The rviz config text with its debug image topic moved under ``namespace``."""
+    default_topic = debug_image_topic("")
+    if default_topic not in config_text:
+        raise LaunchConfigError(f"the rviz config does not show {default_topic}")
+    return config_text.replace(default_topic, debug_image_topic(namespace))
+
+
+@dataclass
+class LaunchPlan:
+    """Everything the launch file needs to build its actions."""
+
+    namespace: str
+    parameters: list[Any]  # [params_file path, overrides dict]: later entries win
+    remappings: list[tuple[str, str]]
+    use_rviz: bool
+    rviz_config: str | None  # path of the shipped rviz config; the namespaced text is apart
+    rviz_config_text: str | None = None  # set when the namespace changes the debug image topic
+    use_sim_time: bool = False
+    node_name: str = NODE_NAME
+    package: str = PACKAGE
+    executable: str = EXECUTABLE
+
+
+def plan_launch(arguments: Mapping[str, str], share_dir: str) -> LaunchPlan:
+    """Validate resolved launch arguments and compute the node's configuration."""
+    if "model_path" not in arguments:
+        raise LaunchConfigError(
+            "missing launch argument: model_path (e.g. model_path:=builtin:tiny)")
+
+    def arg(name: str) -> str:
+        if name in arguments:
+            return str(arguments[name])
+        default = next(a.default for a in LAUNCH_ARGUMENTS if a.name == name)
+        return "" if default is None else default
+
+    params_file = arg("params_file") or os.path.join(share_dir, "config", "assistant.yaml")
+    if not os.path.isfile(params_file):
+        raise LaunchConfigError(f"params_file {params_file!r} does not exist")
+    overrides = node_parameter_overrides(arg("model_path"), arg("backend"), arg("device"),
+                                         arg("use_sim_time"))
+    namespace = validate_namespace(arg("namespace"))
+    use_rviz = parse_bool(arg("use_rviz"), "use_rviz")
+    rviz_config = os.path.join(share_dir, "rviz", "assistant.rviz") if use_rviz else None
+    rviz_text = None
+    if rviz_config is not None and namespace:
+        with open(rviz_config, encoding="utf-8") as fh:
+            rviz_text = rviz_config_for_namespace(fh.read(), namespace)
+    return LaunchPlan(
+        namespace=namespace,
+        parameters=[params_file, overrides],
+        remappings=image_topic_remappings(arg("image_topic"), arg("camera") or DEFAULT_CAMERA),
+        use_rviz=use_rviz,
+        rviz_config=rviz_config,
+        rviz_config_text=rviz_text,
+        use_sim_time=overrides["use_sim_time"],
+    )
+
+
+def _type_name(value: Any) -> str:
+    """The ROS parameter type a Python default stands for."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "string array"
+    return type(value).__name__
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Raise ParameterFileError when ``value`` would not load as the parameter's ROS type."""
+    expected = _type_name(default)
+    if _type_name(value) == expected and not (
+        isinstance(value, list) and not all(isinstance(v, str) for v in value)
+    ):
+        return
+    hint = ""
+    if expected == "double" and _type_name(value) == "integer":
+        hint = f" (write {value}.0: ROS reads {value} as an integer)"
+    raise ParameterFileError(f"{name}: expected a {expected}, got {value!r}{hint}")
+
+
+def _check_value(name: str, value: Any) -> None:
+    """Raise ParameterFileError for values outside what the node accepts."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ParameterFileError(f"{name} must be {what}, got {value!r}")
+
+    if isinstance(value, float):
+        need(math.isfinite(value), "finite")
+    if name == "backend":
+        need(value in BACKENDS, " | ".join(BACKENDS))
+    elif name == "image_transport":
+        need(value in IMAGE_TRANSPORTS, " | ".join(IMAGE_TRANSPORTS))
+    elif name == "dtype":
+        need(value in DTYPES, " | ".join(DTYPES))
+    elif name == "device":
+        need(bool(value.strip()), "a device name such as cpu or cuda:0")
+    elif name == "cameras":
+        need(len(value) > 0, "a non-empty list")
+        need(len(set(value)) == len(value), "unique names")
+        for cam in value:
+            try:
+                validate_topic_name(cam, "camera")
+            except LaunchConfigError as exc:
+                raise ParameterFileError(f"cameras: {exc}") from exc
+            need(not cam.startswith("/"), "relative names")
+    elif name in ("max_new_tokens", "max_sessions"):
+        need(value >= 1, ">= 1")
+    elif name == "max_pending_queries":
+        need(value >= 0, ">= 0")
+    elif name == "top_p":
+        need(0.0 < value <= 1.0, "in (0, 1]")
+    elif name in ("temperature", "max_image_age_s", "stamp_tolerance_s"):
+        need(value >= 0.0, ">= 0")
+    elif name in ("frame_buffer_s", "frame_buffer_max_mb", "query_timeout_s", "session_ttl_s"):
+        need(value > 0.0, "> 0")
+
+
+def validate_parameters_yaml(
+    document: Any,
+    expected: Mapping[str, Any] = DOCUMENTED_PARAMETERS,
+    *,
+    require_all: bool = True,
+    node_key: str = "/**",
+) -> dict[str, Any]:
+    """Check a parsed parameters YAML (``{node_key: {ros__parameters: {...}}}``); return them.
+
+    Refuses other top-level keys, unknown names (typos), missing names when ``require_all``,
+    values of the wrong ROS type (``2`` for a double) and values the node would refuse.
+    """
+    if not isinstance(document, Mapping):
+        raise ParameterFileError("a parameters file must be a mapping at the top level")
+    if set(document) != {node_key}:
+        raise ParameterFileError(
+            f"expected exactly one top-level key {node_key!r}, got {sorted(map(str, document))}"
+        )
+    section = document[node_key]
+    if not isinstance(section, Mapping) or set(section) != {"ros__parameters"}:
+        raise ParameterFileError(f"{node_key!r} must hold exactly one key, 'ros__parameters'")
+    params = section["ros__parameters"]
+    if not isinstance(params, Mapping):
+        raise ParameterFileError("ros__parameters must be a mapping of parameter names to values")
+    unknown = sorted(set(params) - set(expected))
+    if unknown:
+        raise ParameterFileError(
+            f"unknown parameter(s): {', '.join(map(str, unknown))}; "
+            f"the node has: {', '.join(expected)}"
+        )
+    missing = [name for name in expected if name not in params]
+    if require_all and missing:
+        raise ParameterFileError(f"missing parameter(s): {', '.join(missing)}")
+    for name, value in params.items():
+        _check_type(name, value, expected[name])
+        _check_value(name, value)
+    return dict(params)
+
+
+def validate_rviz_config(document: Any, topic: str) -> None:
+    """Check a parsed rviz config has an Image display subscribed to ``topic``."""
+    try:
+        displays: Sequence[Any] = document["Visualization Manager"]["Displays"]
+    except (KeyError, TypeError) as exc:
+        raise LaunchConfigError("not an rviz2 config: no 'Visualization Manager' Displays") from exc
+    for display in displays:
+        if (isinstance(display, Mapping) and display.get("Class") == "rviz_default_plugins/Image"
+                and isinstance(display.get("Topic"), Mapping)
+                and display["Topic"].get("Value") == topic):
+            return
+    raise LaunchConfigError(f"the rviz config has no Image display of {topic}")
