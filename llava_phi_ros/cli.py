@@ -12,19 +12,24 @@ from collections.abc import Sequence
 
 from .model.builtin import BUILTIN_TINY, BUILTIN_TINY_WARNING
 from .model.generation import GenerationConfig
+from .pipeline import BACKENDS
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
 class CliError(Exception):
-    """A failure reported as one line on stderr."""
+    """A failure reported as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"checkpoint directory, or {BUILTIN_TINY} (the default, a toy model)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference backend (default: torch)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -74,7 +79,7 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed).validate()
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        raise CliError(str(exc), EXIT_USAGE) from exc
 
 
 def _load_model(args: argparse.Namespace):
@@ -90,7 +95,7 @@ def _load_model(args: argparse.Namespace):
     try:
         return VisionLanguageModel.load(model_path, backend=args.backend, device=args.device,
                                         dtype=args.dtype, system_prompt=args.system_prompt)
-    except (ModelLoadError, ValueError, OSError) as exc:
+    except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         raise CliError(f"cannot load model {model_path!r}: {exc}") from exc
 
 
@@ -110,7 +115,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     vlm = _load_model(args)
     try:
         result = vlm.ask(image, args.question, generation=gen, choices=args.choice)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # bad question or choice; device failures
         raise CliError(str(exc)) from exc
     print(result.text)
     if args.json:
@@ -121,8 +126,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Read questions from stdin; answers stream to stdout. /reset forgets, /quit ends."""
     gen = _generation_config(args)
+    image = _load_image(args.image)
     vlm = _load_model(args)
-    encoded = vlm.encode_image(_load_image(args.image))
+    try:
+        encoded = vlm.encode_image(image)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"cannot encode {args.image}: {exc}") from exc
     history: list[tuple[str, str]] = []
     interactive = sys.stdin.isatty()
     print(f"chatting about {args.image} with {vlm.description}; /reset, /quit", file=sys.stderr)
@@ -139,20 +148,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.clear()
             print("(history cleared)", file=sys.stderr)
             continue
-        printed = 0
+        printed = ""
 
         def stream(text: str, _n: int) -> None:
             nonlocal printed
             text = text.lstrip()
-            print(text[printed:], end="", flush=True)
-            printed = len(text)
+            if text.startswith(printed):  # streamed text only grows (see stable_text)
+                print(text[len(printed):], end="", flush=True)
+                printed = text
 
         try:
             result = vlm.ask(encoded, question, history, gen, on_text=stream)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             print(f"\nllava-phi: error: {exc}", file=sys.stderr)
             continue
-        print(result.text[printed:] if printed <= len(result.text) else "", flush=True)
+        rest = result.text[len(printed):] if result.text.startswith(printed) else ""
+        print(rest, flush=True)
         history.append((question, result.text))
 
 
@@ -180,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CliError as exc:
         print(f"llava-phi: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

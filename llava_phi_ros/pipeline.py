@@ -26,7 +26,13 @@ from .model.generation import (
     score_choices,
 )
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
-from .model.prompt import IMAGE_TOKEN_INDEX, STOP_STRING, build_prompt, tokenize_prompt
+from .model.prompt import (
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    STOP_STRING,
+    build_prompt,
+    tokenize_prompt,
+)
 from .model.tokenizer import Tokenizer, load_tokenizer
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -151,8 +157,8 @@ class VisionLanguageModel:
         self.backend.synchronize()
         return EncodedImage(features, _ms(start))
 
-    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-        """Token ids (with one IMAGE_TOKEN_INDEX) of the phi-2_v0 prompt for this question."""
+    def prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The phi-2_v0 prompt for this question; ValueError for an unusable question."""
         question = question.strip()
         if not question:
             raise ValueError("the question is empty")
@@ -161,8 +167,11 @@ class VisionLanguageModel:
                              f"{MAX_QUESTION_CHARS}")
         if STOP_STRING in question:
             raise ValueError(f"the question contains the stop token {STOP_STRING!r}")
-        prompt = build_prompt(question, history, self.system_prompt)
-        return tokenize_prompt(prompt, self.tokenizer, num_images=1)
+        return build_prompt(question, history, self.system_prompt)
+
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids (with one IMAGE_TOKEN_INDEX) of the phi-2_v0 prompt for this question."""
+        return tokenize_prompt(self.prompt(question, history), self.tokenizer, num_images=1)
 
     def ask(self, image: Image.Image | np.ndarray | EncodedImage, question: str,
             history: Sequence[tuple[str, str]] = (),
@@ -172,7 +181,9 @@ class VisionLanguageModel:
         """Answer a question about one image (free text, or the best of `choices`)."""
         start = time.perf_counter()
         generation = (generation or GenerationConfig()).validate()
-        ids = self.prompt_ids(question, history)
+        prompt = self.prompt(question, history)
+        ids = tokenize_prompt(prompt, self.tokenizer, num_images=1)
+        choices = clean_choices(choices)
         n_image = self.backend.config.num_image_tokens
         prompt_len = expanded_length(ids, n_image)
         if prompt_len >= self.backend.max_context:
@@ -193,7 +204,7 @@ class VisionLanguageModel:
                            vision_ms=vision_ms, prefill_ms=prefill_ms)
         valid = len(ids)  # generation writes only after the prompt
         if choices:
-            scores = self._score(question, history, ids, choices)
+            scores = self._score(prompt, ids, choices)
             valid = scores.intact_prompt_ids  # scoring may rewind into the prompt
             result.text = choices[scores.index]
             result.choices = list(choices)
@@ -225,18 +236,23 @@ class VisionLanguageModel:
             keep += 1
         return keep
 
-    def _score(self, question: str, history: Sequence[tuple[str, str]], prompt_ids: list[int],
-               choices: Sequence[str]) -> ChoiceScores:
+    def _score(self, prompt: str, prompt_ids: list[int], choices: list[str]) -> ChoiceScores:
         """Each choice as the assistant's whole answer: ' ' + choice + stop token after the
         prompt, tokenised together with it (as training text renders an answer)."""
-        prompt = build_prompt(question.strip(), history, self.system_prompt)
-        full = []
-        for choice in choices:
-            if not choice.strip():
-                raise ValueError("a choice is empty")
-            full.append(tokenize_prompt(f"{prompt} {choice.strip()}{STOP_STRING}",
-                                        self.tokenizer, num_images=1))
+        full = [tokenize_prompt(f"{prompt} {choice}{STOP_STRING}", self.tokenizer, num_images=1)
+                for choice in choices]
         return score_choices(self.backend, prompt_ids, full, self.backend.config.num_image_tokens)
+
+
+def clean_choices(choices: Sequence[str]) -> list[str]:
+    """Choices stripped of surrounding space; ValueError for an empty one or the stop token."""
+    cleaned = [c.strip() for c in choices]
+    for choice in cleaned:
+        if not choice:
+            raise ValueError("a choice is empty")
+        if STOP_STRING in choice or IMAGE_TOKEN in choice:
+            raise ValueError(f"the choice {choice!r} contains a special token")
+    return cleaned
 
 
 def _load_checkpoint_dir(model_path: str, device: Any, dtype: Any):

@@ -10,6 +10,7 @@ from llava_phi_ros.model.generation import (
     ContextOverflowError,
     GenerationConfig,
     choose_token,
+    stable_text,
     expanded_length,
     generate,
     score_choices,
@@ -71,6 +72,27 @@ def test_stop_string_cuts_text(backend, image):
               decode=lambda ids: " ".join(map(str, ids)) + " ")
     assert gen.finish_reason == "stop" and gen.stop_string == stop
     assert stop not in gen.text and gen.text == " ".join(map(str, greedy.token_ids[:2]))
+    assert gen.token_ids == greedy.token_ids[:2]  # the ids that spelled the stop string are gone
+    assert len(gen.token_logprobs) == 2
+
+
+def test_stable_text_holds_back_what_may_change():
+    assert stable_text("caf\ufffd") == "caf"  # a UTF-8 character cut between tokens
+    assert stable_text("yes<|end", ("<|endoftext|>",)) == "yes"
+    assert stable_text("yes<", ("<|endoftext|>", "USER:")) == "yes"
+    assert stable_text("yes US", ("USER:",)) == "yes "
+    assert stable_text("a < b", ("<|endoftext|>",)) == "a < b"
+
+
+def test_streamed_text_never_shows_partial_characters(backend, image):
+    def decode(ids):  # every generated id spells one byte of the two-byte character "é"
+        data = "é".encode() * (len(ids) // 2) + "é".encode()[:len(ids) % 2]
+        return data.decode("utf-8", errors="replace")
+
+    seen = []
+    run(backend, image, GenerationConfig(max_new_tokens=6), decode=decode,
+        on_text=lambda text, n: seen.append(text))
+    assert seen == ["", "é", "é", "éé", "éé", "ééé"]
 
 
 def test_sampling_is_seeded(backend, image):

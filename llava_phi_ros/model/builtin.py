@@ -34,5 +34,8 @@ def build_builtin_tiny(seed: int = 0) -> tuple[LlavaPhiForCausalLM, Tokenizer,
             for p in model.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.2)
+    tokenizer = build_byte_tokenizer()
+    with torch.no_grad():  # ids past the tokenizer's vocabulary would decode to nothing
+        model.lm_head.bias[tokenizer.vocab_size:] = -1e4
     preprocess = ImagePreprocessConfig.for_image_size(cfg.vision.image_size)
-    return model.eval(), build_byte_tokenizer(), preprocess
+    return model.eval(), tokenizer, preprocess

@@ -67,14 +67,16 @@ class Generation:
     token_logprobs: list[float]  # natural-log model probability of each generated id
     finish_reason: str  # "stop", "length" or "cancelled"
     first_token_time: float | None = None  # time.perf_counter() when the first token was chosen
-    decode_seconds: float = 0.0  # time spent in decode steps after the first token
+    decode_steps: int = 0  # tokens fed back through decode_step
+    decode_seconds: float = 0.0  # from the first token to the end (sampling and decoding too)
     stop_string: str | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens produced by decode steps per second (0 when there were none)."""
-        steps = max(len(self.token_ids) - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds > 0 and steps else 0.0
+        """Decode steps per second after the first token (0 when there were none)."""
+        if self.decode_seconds <= 0 or not self.decode_steps:
+            return 0.0
+        return self.decode_steps / self.decode_seconds
 
 
 def expanded_length(input_ids: Sequence[int], num_image_tokens: int) -> int:
@@ -104,14 +106,30 @@ def _find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str] | None
     return min(hits) if hits else None
 
 
+def stable_text(text: str, stop_strings: Sequence[str] = ()) -> str:
+    """The part of a partial answer that later tokens cannot change: without a trailing
+    replacement character (a multi-byte character cut between tokens) and without a tail that
+    may still grow into a stop string."""
+    text = text.rstrip("\ufffd")
+    held = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return text[:len(text) - held]
+
+
 def generate(model: StepModel, first_logits: torch.Tensor, start_pos: int, eos_token_id: int,
              decode: Callable[[list[int]], str], cfg: GenerationConfig,
              on_text: Callable[[str, int], None] | None = None,
              should_cancel: Callable[[], bool] | None = None) -> Generation:
     """Generate after a prefill whose last logits are first_logits and which filled start_pos slots.
 
-    on_text(text_so_far, tokens_generated) is called after every token; should_cancel() is checked
-    before every token and ends the generation with finish_reason "cancelled".
+    on_text(text_so_far, tokens_generated) is called after every token with the stable part of
+    the text (see stable_text); should_cancel() is checked before every token and ends the
+    generation with finish_reason "cancelled". A stop string ends it with "stop": the text is cut
+    before it and the ids that spelled it are dropped.
     """
     cfg.validate()
     generator = None
@@ -142,11 +160,16 @@ def generate(model: StepModel, first_logits: torch.Tensor, start_pos: int, eos_t
         stop = _find_stop(out.text, cfg.stop_strings)
         if stop is not None:
             out.text, out.stop_string, out.finish_reason = out.text[:stop[0]], stop[1], "stop"
+            while ids and len(decode(ids[:-1])) >= len(out.text):  # drop the stop string's ids
+                ids.pop()
+                logprobs.pop()
         if on_text is not None:
-            on_text(out.text, len(ids))
+            on_text(out.text if stop is not None else stable_text(out.text, cfg.stop_strings),
+                    len(ids))
         if stop is not None or len(ids) >= budget:
             break
         logits = model.decode_step(token, pos)
+        out.decode_steps += 1
         pos += 1
     if decode_start is not None:
         out.decode_seconds = time.perf_counter() - decode_start

@@ -17,7 +17,7 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: shapes never change, so it suits CUDA graphs.
+    """Preallocated keys and values for every layer (no reallocation while generating).
 
     Positions are absolute: `forward(..., start_pos=p)` writes positions p..p+T-1 and attends to
     0..p+T-1. Rewinding is free: writing at an earlier position overwrites what was there.
