@@ -10,10 +10,10 @@ from llava_phi_ros.model.generation import (
     ContextOverflowError,
     GenerationConfig,
     choose_token,
-    stable_text,
     expanded_length,
     generate,
     score_choices,
+    stable_text,
 )
 from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
 
