@@ -14,6 +14,10 @@ Threading contract (what the ROS node relies on):
 - A `Job`'s future is resolved on the worker thread (or on the thread that calls `cancel()`,
   `set_active(False)`, `unload_model()` or `shutdown()` for jobs that never started). Done
   callbacks and `on_text` run on that thread: keep them short (hand over to the executor).
+- Every accepted job resolves exactly once with a QueryOutcome, never with an exception:
+  unexpected inference failures become MODEL_ERROR. Deactivating, unloading and shutting down
+  resolve waiting and running jobs NOT_READY (not CANCELLED: the client did not cancel, so an
+  action goal ends ABORTED), a running one with its partial answer.
 
 Clocks: `now_ns` is the node clock (ROS time: frame ages and stamps follow `use_sim_time`);
 `monotonic` is a steady clock in seconds (timeouts, queue_ms, total_ms, session TTLs).
@@ -449,7 +453,8 @@ class AssistantCore:
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, int, str], tuple[Frame, EncodedImage]] = OrderedDict()
         self._cache_capacity = 2 * len(settings.cameras) + 2
-        self._preencode_failed: set[tuple[str, int, str]] = set()
+        # camera -> key of its newest frame whose pre-encoding failed (not retried)
+        self._preencode_failed: dict[str, tuple[str, int, str]] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self._ended_sessions: OrderedDict[str, str] = OrderedDict()  # id -> why it ended
         self._latency: deque[tuple[float, float, float]] = deque(maxlen=LATENCY_WINDOW)
@@ -791,19 +796,6 @@ class AssistantCore:
         if worker is not None and worker is not threading.current_thread():
             worker.join()
 
-    def _expire_waiting(self) -> None:
-        """Resolve TIMEOUT for waiting jobs whose query_timeout_s has passed."""
-        now = self._monotonic()
-        with self._lock:
-            expired = [job for job in self._queue if now >= job.deadline]
-            outcomes = []
-            for job in expired:
-                self._queue.remove(job)
-                outcomes.append(self._finish_locked(job, TIMEOUT, self._timeout_message(),
-                                                    self._empty_answer(job)))
-        for job, outcome in zip(expired, outcomes, strict=True):
-            job._resolve(outcome)
-
     def _timeout_message(self) -> str:
         """The TIMEOUT message."""
         return f"no answer within query_timeout_s = {self.settings.query_timeout_s:g} s"
@@ -859,9 +851,13 @@ class AssistantCore:
         queue_ms = (start - job.accepted) * 1000.0
         if job._abort is not None:
             return job._abort[0], job._abort[1], None
+        # Waiting jobs are timed out here, when taken. That is prompt: the queue is FIFO with one
+        # timeout for all, so the job running ahead of this one passed its (earlier) deadline
+        # first and stopped within a token.
         if start >= job.deadline:
             return TIMEOUT, self._timeout_message() + " (still waiting)", None
-        cacheable = job.frame.camera != "" or job._session is not None
+        # Camera frames are cached; an inline image only when a session will ask about it again.
+        cacheable = job.request.image is None or job._session is not None
         encoded = self._cached(job.frame)
         vision_ms = 0.0
         if encoded is None:
@@ -883,7 +879,6 @@ class AssistantCore:
                 job._wake.wait(max(0.0, min(delay, job.deadline - self._monotonic())))
 
         def should_cancel() -> bool:
-            self._expire_waiting()
             if job._abort is not None:
                 job._stop_reason = job._abort
             elif job._cancel_requested:
@@ -994,8 +989,11 @@ class AssistantCore:
             return None
         for buffer in self._buffers.values():
             frame = buffer.latest()
-            if frame is not None and frame.key not in self._preencode_failed \
-                    and not self.is_cached(frame):
+            if frame is None or self.is_cached(frame):
+                continue
+            with self._cache_lock:
+                failed = self._preencode_failed.get(frame.camera) == frame.key
+            if not failed:
                 return frame
         return None
 
@@ -1006,7 +1004,7 @@ class AssistantCore:
         except Exception:  # noqa: BLE001 - a background encode must not kill the worker
             log.exception("pre-encoding a frame of camera %r failed", frame.camera)
             with self._cache_lock:
-                self._preencode_failed.add(frame.key)
+                self._preencode_failed[frame.camera] = frame.key
         finally:
             with self._lock:
                 self._preencoding = False

@@ -68,6 +68,13 @@ class SpyModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
+    fail_encode = False
+
+    def encode_image(self, img: Any) -> Any:
+        if self.fail_encode:
+            raise RuntimeError("simulated vision tower failure")
+        return self._model.encode_image(img)
+
     def ask(self, image: Any, question: str, history: Any = (), **kwargs: Any) -> Any:
         self.histories.append(list(history))
         if "explode" in question:
@@ -223,7 +230,7 @@ def test_frame_buffer_keeps_its_size_bound() -> None:
     buf = FrameBuffer(duration_s=100.0, max_mb=2.5)
     for i in range(6):
         buf.add(frame(T0_NS + i, img=one_mib))
-    assert len(buf) == 2 and buf.nbytes == 2 * one_mib.nbytes
+    assert len(buf) == 2 and buf.nbytes == 2 * one_mib.nbytes == 2 * buf.latest().nbytes
     assert [f.stamp_ns for f in buf.frames()] == [T0_NS + 4, T0_NS + 5]
     huge = np.zeros((1024, 1024, 3), np.uint8)  # 3 MiB: over the bound, yet the newest is kept
     buf.add(frame(T0_NS + 6, img=huge))
@@ -738,6 +745,19 @@ def test_preencode_latest_makes_the_first_question_cheap(make: Callable[..., Har
     h.clock.advance(0.1)
     newer = h.add(seed=3)
     assert h.core.wait_idle(WAIT) and h.core.is_cached(newer)
+
+
+def test_preencode_failure_is_logged_and_the_worker_keeps_serving(
+        make: Callable[..., Harness], caplog: pytest.LogCaptureFixture) -> None:
+    h = make(preencode_latest=True)
+    h.spy.fail_encode = True
+    f = h.add()
+    assert h.core.wait_idle(WAIT) and not h.core.is_cached(f)  # tried once, not in a loop
+    assert "pre-encoding a frame of camera 'camera' failed" in caplog.text
+    out = h.ask(max_new_tokens=2)
+    assert out.error_code == A.MODEL_ERROR and "vision tower" in out.message
+    h.spy.fail_encode = False
+    h.serves()
 
 
 def test_time_jump_back_clears_frames_and_caches(make: Callable[..., Harness]) -> None:
