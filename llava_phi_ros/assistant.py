@@ -42,7 +42,7 @@ import numpy as np
 
 from .model.generation import ContextOverflowError, GenerationConfig, expanded_length
 from .model.prompt import IMAGE_TOKEN, STOP_STRING, strip_image_token
-from .pipeline import MAX_QUESTION_CHARS, EncodedImage, VisionLanguageModel
+from .pipeline import MAX_QUESTION_CHARS, EncodedImage, VisionLanguageModel, clean_choices
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,7 @@ class AnswerRecord:
     decode_tokens_per_s: float = 0.0
     total_ms: float = 0.0  # from acceptance to the answer
     prompt_tokens: int = 0  # positions the prompt filled (history and image included)
+    reused_prefix_tokens: int = 0  # prompt positions whose KV cache was kept from the last call
     session_id: str = ""
     frame: Frame | None = field(default=None, repr=False)
 
@@ -639,10 +640,12 @@ class AssistantCore:
         if isinstance(choices, str):
             self._refuse(BAD_REQUEST, "choices must be a list of strings, not one string")
         for i, choice in enumerate(choices):
-            if not isinstance(choice, str) or not choice.strip():
-                self._refuse(BAD_REQUEST, f"choice {i} is empty")
-            if STOP_STRING in choice or IMAGE_TOKEN in choice:
-                self._refuse(BAD_REQUEST, f"choice {i} contains a special token")
+            if not isinstance(choice, str):
+                self._refuse(BAD_REQUEST, f"choice {i} is a {type(choice).__name__}, not a string")
+        try:
+            clean_choices(choices)  # the pipeline's own rules: none empty, no special tokens
+        except ValueError as exc:
+            self._refuse(BAD_REQUEST, str(exc))
         context = model.backend.max_context
         max_new = request.max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
@@ -913,6 +916,7 @@ class AssistantCore:
         answer.decode_tokens_per_s = result.decode_tokens_per_s
         answer.total_ms = (end - job.accepted) * 1000.0
         answer.prompt_tokens = result.prompt_tokens
+        answer.reused_prefix_tokens = result.reused_prefix_tokens
         if result.finish_reason == "cancelled":
             code, message = job._stop_reason or (CANCELLED, "cancelled")
             return code, message, answer
