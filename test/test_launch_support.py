@@ -276,3 +276,31 @@ def test_launch_file_is_thin_and_uses_launch_support():
     assert "LifecycleNode(" in source and "OpaqueFunction(" in source
     assert "FindPackageShare" in source and "PathJoinSubstitution" in source
     assert len(source.splitlines()) < 90
+
+
+# ----- Fast DDS profile -------------------------------------------------------------------------
+def test_fastdds_profile_is_a_default_profile_with_large_shm_and_udp():
+    import xml.etree.ElementTree as ET
+
+    ns = {"d": "http://www.eprosima.com"}
+    root = ET.parse(REPO / "config" / "fastdds_large_images.xml").getroot()
+    assert root.tag == "{http://www.eprosima.com}dds"
+    transports = {t.findtext("d:transport_id", namespaces=ns): t
+                  for t in root.iterfind("d:profiles/d:transport_descriptors/"
+                                         "d:transport_descriptor", ns)}
+    types = {tid: t.findtext("d:type", namespaces=ns) for tid, t in transports.items()}
+    assert sorted(types.values()) == ["SHM", "UDPv4"]
+    (shm,) = [t for t in transports.values() if t.findtext("d:type", namespaces=ns) == "SHM"]
+    assert int(shm.findtext("d:segment_size", namespaces=ns)) == 32 * 1024 * 1024
+    (participant,) = root.iterfind("d:profiles/d:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    assert participant.findtext("d:rtps/d:useBuiltinTransports", namespaces=ns) == "false"
+    used = [e.text for e in participant.iterfind("d:rtps/d:userTransports/d:transport_id", ns)]
+    assert sorted(used) == sorted(transports)
+
+
+def test_config_readme_documents_both_files_and_the_camera_driver():
+    text = (REPO / "config" / "README.md").read_text()
+    for needle in ("assistant.yaml", "fastdds_large_images.xml", "FASTDDS_DEFAULT_PROFILES_FILE",
+                   "camera driver", "/**"):
+        assert needle in text, needle
