@@ -1,0 +1,175 @@
+"""`llava-phi-demo`: the node, a camera streaming generated scenes, and a planner asking questions.
+
+Everything is real ROS 2 over DDS (three nodes in one process, talking through the middleware):
+the planner calls `~/query` and `~/ask` and prints each grounded answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import rclpy
+from PIL import Image as PILImage
+from PIL import ImageDraw
+from rclpy.action import ActionClient
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+
+from ..action import Ask
+from ..model.builtin import BUILTIN_TINY, BUILTIN_TINY_WARNING
+from ..srv import Query
+from .assistant_node import AssistantNode
+from .image_conversion import rgb_to_image_msg
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220),
+           "yellow": (235, 200, 20)}
+
+
+@dataclass(frozen=True)
+class DemoScene:
+    """One generated camera image and what is really in it."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    description: str
+
+
+def demo_scene(index: int, width: int = 640, height: int = 480) -> DemoScene:
+    """A square on the left and a circle on the right, colours chosen by index."""
+    names = list(COLOURS)
+    left, right = names[index % 4], names[(index + 1) % 4]
+    img = PILImage.new("RGB", (width, height), (200, 200, 190))
+    draw = ImageDraw.Draw(img)
+    s = height // 3
+    draw.rectangle([width // 8, height // 3, width // 8 + s, height // 3 + s], fill=COLOURS[left])
+    draw.ellipse([width * 5 // 8, height // 3, width * 5 // 8 + s, height // 3 + s],
+                 fill=COLOURS[right])
+    return DemoScene(np.asarray(img), f"a {left} square on the left and a {right} circle on the "
+                                      "right")
+
+
+class CameraPublisher(Node):
+    """Publishes demo scenes as rgb8 on `camera/image_raw` at a fixed rate."""
+
+    def __init__(self, rate_hz: float = 10.0, scene_period_s: float = 4.0):
+        super().__init__("demo_camera")
+        self._pub = self.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
+        self._scene_period_s = scene_period_s
+        self._start = time.monotonic()
+        self.scene = demo_scene(0)
+        self.create_timer(1.0 / rate_hz, self._tick)
+
+    def _tick(self) -> None:
+        self.scene = demo_scene(int((time.monotonic() - self._start) / self._scene_period_s))
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id="camera_optical_frame")
+        self._pub.publish(rgb_to_image_msg(self.scene.image, header))
+
+
+def _stamp(msg) -> str:
+    return f"{msg.sec}.{msg.nanosec:09d}"
+
+
+def run_planner(planner: Node, camera: CameraPublisher, out=sys.stdout) -> int:
+    """Ask a few questions over the service and the action; print each grounded answer."""
+    query = planner.create_client(Query, "llava_phi/query")
+    ask = ActionClient(planner, Ask, "llava_phi/ask")
+    if not query.wait_for_service(timeout_sec=30.0) or not ask.wait_for_server(timeout_sec=30.0):
+        print("demo: the assistant did not come up", file=sys.stderr)
+        return 1
+    failures = 0
+    questions = [("What colour is the square?", []),
+                 ("Is the circle on the left or on the right?", []),
+                 ("Which colour is the circle?", ["red", "green", "blue", "yellow"])]
+    for question, choices in questions:
+        truth = camera.scene.description
+        response = None
+        for _ in range(50):  # the first frames may still be on their way
+            response = _wait(query.call_async(Query.Request(question=question,
+                                                            choices=choices)))
+            if response is None or response.error_code != Query.Request.NO_IMAGE:
+                break
+            time.sleep(0.2)
+        if response is None or not response.success:
+            failures += 1
+            why = "no response" if response is None else f"{response.error_code}: " \
+                                                          f"{response.message}"
+            print(f"Q (service): {question}\n   refused: {why}", file=out)
+            continue
+        a = response.answer
+        confidence = f" (p={max(a.choice_probs):.2f})" if choices else ""
+        print(f"Q (service): {question}\n   answer: {a.text!r}{confidence}\n"
+              f"   camera={a.camera} frame_id={a.header.frame_id} "
+              f"stamp={_stamp(a.header.stamp)} latency={a.total_ms:.0f} ms "
+              f"ttft={a.time_to_first_token_ms:.0f} ms\n   scene (ground truth): {truth}",
+              file=out)
+
+    question = "Describe the scene."
+    chunks: list[str] = []
+    goal = ask.send_goal_async(Ask.Goal(question=question, max_new_tokens=24),
+                               feedback_callback=lambda fb: chunks.append(fb.feedback.text))
+    handle = _wait(goal)
+    if handle is None or not handle.accepted:
+        print(f"Q (action): {question}\n   goal rejected", file=out)
+        return failures + 1
+    result = _wait(handle.get_result_async())
+    answer = result.result.answer
+    print(f"Q (action): {question}\n   streamed {len(chunks)} feedback messages\n"
+          f"   answer: {answer.text!r}\n   camera={answer.camera} "
+          f"frame_id={answer.header.frame_id} stamp={_stamp(answer.header.stamp)} "
+          f"decode={answer.decode_tokens_per_s:.0f} tokens/s", file=out)
+    return failures + (0 if result.result.success else 1)
+
+
+def _wait(future, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return future.result() if future.done() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `llava-phi-demo`."""
+    parser = argparse.ArgumentParser(prog="llava-phi-demo", description=__doc__)
+    parser.add_argument("--model", default="builtin:tiny", help="model_path of the node")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=4)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    nodes = []
+    try:
+        assistant = AssistantNode(parameter_overrides=[
+            Parameter("model_path", value=args.model), Parameter("device", value=args.device)])
+        if assistant.core is None:
+            print("demo: the assistant failed to configure; see the log above", file=sys.stderr)
+            return 1
+        if args.model == BUILTIN_TINY:
+            print(f"demo: warning: {BUILTIN_TINY_WARNING}", file=sys.stderr)
+        camera = CameraPublisher()
+        planner = Node("demo_planner")
+        nodes = [assistant, camera, planner]
+        for node in nodes:
+            executor.add_node(node)
+        spinner.start()
+        return run_planner(planner, camera)
+    finally:
+        executor.shutdown()
+        if spinner.is_alive():
+            spinner.join()
+        for node in nodes:
+            if isinstance(node, AssistantNode):
+                node.release()
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
