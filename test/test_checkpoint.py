@@ -99,6 +99,13 @@ WRITERS = {
                                LAYOUT_HF_OLD, (SAFETENSORS_FILE,)),
     "hf-old-bin": (lambda m, d: save_llava_hf_layout(m, d, key_style="old", fmt="bin"),
                    LAYOUT_HF_OLD, (BIN_FILE,)),
+    "hf-new-3-shards": (lambda m, d: save_llava_hf_layout(m, d, key_style="new", shards=3),
+                        LAYOUT_HF_NEW, (SAFETENSORS_INDEX, "model-00001-of-00003.safetensors",
+                                        "model-00002-of-00003.safetensors",
+                                        "model-00003-of-00003.safetensors")),
+    "hf-old-bin-2-shards": (lambda m, d: save_llava_hf_layout(m, d, "old", fmt="bin", shards=2),
+                            LAYOUT_HF_OLD, (BIN_INDEX, "pytorch_model-00001-of-00002.bin",
+                                            "pytorch_model-00002-of-00002.bin")),
 }
 
 
@@ -113,6 +120,21 @@ def test_every_layout_loads_to_identical_logits(tmp_path, model, pixels, logits,
     assert loaded.checkpoint_info.num_parameters == sum(p.numel() for p in model.parameters())
     assert all(p.device.type == "cpu" for p in [*loaded.parameters(), *loaded.buffers()])
     assert torch.equal(all_logits(loaded, pixels), logits)
+
+
+def test_hf_shards_hold_exactly_the_single_file_tensors(tmp_path, model):
+    one = load_file(save_llava_hf_layout(model, tmp_path / "one") / SAFETENSORS_FILE)
+    d = save_llava_hf_layout(model, tmp_path / "three", shards=3)
+    index = json.loads((d / SAFETENSORS_INDEX).read_text())
+    assert set(index["weight_map"]) == set(one)  # stored (transformers) names, not ours
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in one.values())
+    sharded: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        part = load_file(d / name)
+        assert part and all(index["weight_map"][k] == name for k in part)
+        sharded |= part
+    assert sharded.keys() == one.keys()
+    assert all(torch.equal(sharded[k], one[k]) for k in one)
 
 
 def test_hf_writer_uses_the_keys_transformers_uses(tmp_path, model):

@@ -580,8 +580,9 @@ def save_llava_hf_layout(model: LlavaPhiForCausalLM, out_dir: str | Path,
                          tokenizer: Tokenizer | None = None,
                          preprocess_config: ImagePreprocessConfig | None = None,
                          clip_vision_model_level: bool | None = None, fmt: str = "safetensors",
-                         overwrite: bool = False) -> Path:
-    """Write the transformers llava layout (model_type llava, Phi text_config).
+                         shards: int = 1, overwrite: bool = False) -> Path:
+    """Write the transformers llava layout (model_type llava, Phi text_config), as safetensors
+    or .bin, in `shards` files (index when > 1).
 
     key_style "new" = transformers >= 4.52 in-memory keys, "old" = pre-4.52 / save_pretrained
     keys. clip_vision_model_level None picks what that transformers writes: no `vision_model.`
@@ -597,7 +598,7 @@ def save_llava_hf_layout(model: LlavaPhiForCausalLM, out_dir: str | Path,
              if not (drop_lm_head_bias and k == "lm_head.bias")}
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_json(tmp / CONFIG_FILE, model.config.to_llava_hf_dict())
-        _write_weights(state, tmp, fmt, [list(state)])
+        _write_weights(state, tmp, fmt, _split_by_count(list(state), shards))
         _write_extras(tmp, tokenizer, preprocess_config)
     return Path(out_dir)
 
