@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,12 +173,26 @@ def _source_files() -> list[Path]:
     )
 
 
-def _check_executables(lib_dir: Path) -> None:
-    for name in ("assistant", "llava-phi"):
+# executable in lib/llava_phi_ros (what `ros2 run llava_phi_ros NAME` starts) -> its entry module
+EXECUTABLES = {"assistant": "llava_phi_ros.ros.assistant_node", "llava-phi": "llava_phi_ros.cli"}
+
+
+def _check_executables(lib_dir: Path, run: Callable[[list[str]], subprocess.CompletedProcess]
+                       ) -> None:
+    """Each executable is a script whose interpreter exists and whose entry point imports;
+    `llava-phi --help` runs. `run` runs a command in the environment a user would have."""
+    for name, module in EXECUTABLES.items():
         exe = lib_dir / name
         assert exe.is_file() and os.access(exe, os.X_OK), f"{exe} missing or not executable"
-        shebang = exe.read_text().splitlines()[0]
+        text = exe.read_text()
+        shebang = text.splitlines()[0]
         assert shebang.startswith("#!") and Path(shebang[2:].strip()).exists(), shebang
+        assert re.search(rf"^from {re.escape(module)} import main$", text, re.M), text
+        # The entry module imports with the script's own interpreter (the assistant is not run:
+        # it would start a ROS node).
+        run([shebang[2:].strip(), "-c", f"from {module} import main; assert callable(main)"])
+    proc = run([str(lib_dir / "llava-phi"), "--help"])
+    assert proc.stdout.startswith("usage: llava-phi") and "convert" in proc.stdout, proc.stdout
 
 
 def test_pip_installed_package(tmp_path: Path) -> None:
@@ -207,9 +223,14 @@ def test_pip_installed_package(tmp_path: Path) -> None:
     missing = [str(rel) for rel in _source_files() if not (installed_pkg / rel).is_file()]
     assert not missing, f"not installed (stale install? rerun scripts/setup.sh): {missing}"
 
-    _check_executables(PREFIX / "lib" / "llava_phi_ros")
+    _check_executables(PREFIX / "lib" / "llava_phi_ros",
+                       lambda cmd: _run(cmd, cwd=tmp_path, env=env))
     for script in ("llava-phi", "llava-phi-assistant"):
         assert (PREFIX / "bin" / script).is_file(), f"console script {script} not installed"
+    proc = _run([str(PREFIX / "bin" / "llava-phi"), "--help"], cwd=tmp_path, env=env)
+    assert proc.stdout.startswith("usage: llava-phi") and "convert" in proc.stdout, proc.stdout
+    assert re.search(r"^from llava_phi_ros\.ros\.assistant_node import main$",
+                     (PREFIX / "bin" / "llava-phi-assistant").read_text(), re.M)
     # ament_cmake_python's egg-info must not be shipped next to the wheel's dist-info.
     assert not list(site.glob("llava_phi_ros-*.egg-info"))
 
@@ -260,16 +281,18 @@ def test_colcon_build(tmp_path: Path) -> None:
     install = ws / "install" / "llava_phi_ros"
     installed_pkg = install / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
     installed_pkg = installed_pkg / "site-packages" / "llava_phi_ros"
-    _check_executables(install / "lib" / "llava_phi_ros")
     missing = [str(rel) for rel in _source_files() if not (installed_pkg / rel).is_file()]
     assert not missing, f"not installed by colcon: {missing}"
     assert (install / "share/ament_index/resource_index/packages/llava_phi_ros").is_file()
 
-    # Use the workspace as a ROS user would: source its setup file, then import.
+    # Use the workspace as a ROS user would: source its setup file, then run or import.
+    env = _clean_env(AMENT_PREFIX_PATH=str(PREFIX))
+    setup = ws / "install" / "local_setup.sh"
+    _check_executables(install / "lib" / "llava_phi_ros", lambda cmd: _run(
+        ["bash", "-c", f'. "{setup}" && exec "$@"', "bash", *cmd], cwd=tmp_path, env=env))
     probe_file = tmp_path / "probe.py"
     probe_file.write_text(PROBE)
-    script = f'. "{ws / "install" / "local_setup.sh"}" && exec "{sys.executable}" "{probe_file}"'
-    env = _clean_env(AMENT_PREFIX_PATH=str(PREFIX))
+    script = f'. "{setup}" && exec "{sys.executable}" "{probe_file}"'
     info = _probe(_run(["bash", "-c", script], cwd=tmp_path, env=env).stdout)
 
     assert Path(info["package_file"]).resolve() == (installed_pkg / "__init__.py").resolve()
