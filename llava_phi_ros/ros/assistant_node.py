@@ -112,7 +112,7 @@ class AssistantNode(LifecycleNode):
 
         self.core: core.AssistantCore | None = None
         self._configure_error = ""
-        self._subscriptions: list[Any] = []
+        self._camera_subscriptions: list[Any] = []
         # Action goals keyed by id() of the goal message, which rclpy hands to the goal callback
         # and then to the goal handle: the job accepted at once, or why it was refused, and the
         # goal handle once execution starts (feedback goes there).
@@ -208,9 +208,9 @@ class AssistantNode(LifecycleNode):
 
     def release(self) -> None:
         """Stop the worker, free the model, drop the camera subscriptions."""
-        for sub in self._subscriptions:
+        for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
-        self._subscriptions.clear()
+        self._camera_subscriptions.clear()
         if self.core is not None:
             self.core.shutdown()
             self.core = None
@@ -234,7 +234,7 @@ class AssistantNode(LifecycleNode):
                     Image, f"{camera}/image_raw",
                     lambda msg, c=camera: self._on_image(c, msg, image_msg_to_rgb), qos,
                     callback_group=group)
-            self._subscriptions.append(sub)
+            self._camera_subscriptions.append(sub)
 
     def _on_image(self, camera: str, msg: Any, convert: Any) -> None:
         assistant = self.core
