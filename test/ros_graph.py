@@ -21,7 +21,7 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
@@ -66,11 +66,11 @@ def compressed_msg(rgb: np.ndarray, fmt: str, t: float = 1.0,
 
 
 class Graph:
-    """Nodes spun by one multi-threaded executor in a background thread."""
+    """Nodes spun by one executor in a background thread."""
 
     def __init__(self):
         rclpy.init()
-        self.executor = MultiThreadedExecutor(num_threads=6)
+        self.executor = SingleThreadedExecutor()  # as the node's own main() runs it
         self.client = Node("test_client")
         self.executor.add_node(self.client)
         self.assistants: list[AssistantNode] = []
