@@ -5,7 +5,6 @@ ROS-free; the CLI and the ROS service core both sit on top of `VisionLanguageMod
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -257,8 +256,7 @@ def clean_choices(choices: Sequence[str]) -> list[str]:
 
 def _load_checkpoint_dir(model_path: str, device: Any, dtype: Any):
     """Model, tokenizer and preprocessing from one checkpoint directory."""
-    from .model.checkpoint import load_model
-    from .model.config import LlavaPhiConfig
+    from .model.checkpoint import load_model, read_preprocess_config
 
     path = Path(model_path)
     if not model_path:
@@ -266,18 +264,4 @@ def _load_checkpoint_dir(model_path: str, device: Any, dtype: Any):
     if not path.is_dir():
         raise ModelLoadError(f"model directory {model_path!r} does not exist")
     model = load_model(path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(path)
-    cfg: LlavaPhiConfig = model.config
-    pre_file = path / "preprocessor_config.json"
-    pad = cfg.image_aspect_ratio == "pad"
-    if pre_file.is_file():
-        try:
-            pre_dict = json.loads(pre_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{pre_file}: unreadable preprocessor config: {exc}") from exc
-        preprocess = ImagePreprocessConfig.from_dict(pre_dict, pad_to_square=pad)
-    else:
-        preprocess = ImagePreprocessConfig(image_size=cfg.vision.image_size,
-                                           shortest_edge=cfg.vision.image_size,
-                                           pad_to_square=pad)
-    return model, tokenizer, preprocess
+    return model, load_tokenizer(path), read_preprocess_config(path, model.config)

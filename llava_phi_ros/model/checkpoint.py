@@ -603,7 +603,7 @@ def save_llava_hf_layout(model: LlavaPhiForCausalLM, out_dir: str | Path,
     return Path(out_dir)
 
 
-def _read_preprocess(src: Path, cfg: LlavaPhiConfig) -> ImagePreprocessConfig:
+def read_preprocess_config(src: Path, cfg: LlavaPhiConfig) -> ImagePreprocessConfig:
     """src's preprocessor_config.json, else the default CLIP preprocessing for the config."""
     path = src / PREPROCESSOR_FILE
     if not path.is_file():
@@ -643,6 +643,6 @@ def convert_checkpoint(src_dir: str | Path, dst_dir: str | Path, overwrite: bool
     except TokenizerError as exc:
         raise CheckpointError(f"{src}: convert writes a complete directory and needs the "
                               f"tokenizer: {exc}") from exc
-    preprocess = _read_preprocess(src, cfg)
+    preprocess = read_preprocess_config(src, cfg)
     _write_canonical(state, cfg, dst, tokenizer, preprocess, max_shard_bytes, overwrite)
     return info
