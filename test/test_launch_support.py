@@ -304,3 +304,10 @@ def test_config_readme_documents_both_files_and_the_camera_driver():
     for needle in ("assistant.yaml", "fastdds_large_images.xml", "FASTDDS_DEFAULT_PROFILES_FILE",
                    "camera driver", "/**"):
         assert needle in text, needle
+
+
+def test_backend_names_agree_with_the_pipeline():
+    from llava_phi_ros.pipeline import BACKENDS as PIPELINE_BACKENDS
+    from llava_phi_ros.ros.launch_support import BACKENDS
+
+    assert BACKENDS == PIPELINE_BACKENDS

@@ -39,10 +39,8 @@ from .image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
-
-NODE_NAME = "llava_phi"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-TRANSPORTS = ("raw", "compressed")
+from .launch_support import BACKENDS, NODE_NAME
+from .launch_support import IMAGE_TRANSPORTS as TRANSPORTS
 
 # name: (default, description). Types follow the defaults; doubles are always floats.
 PARAMETERS: dict[str, tuple[Any, str]] = {
