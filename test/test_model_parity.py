@@ -489,3 +489,14 @@ def test_every_config_field_is_read_from_its_place(text, attribute, value, edits
     for path, new in edits:
         functools.reduce(operator.getitem, path[:-1], raw)[path[-1]] = new
     assert operator.attrgetter(attribute)(LlavaPhiConfig.from_dict(raw)) == value
+
+
+def test_training_forward_without_cache_matches_reference(model, ref, pixels):
+    with torch.no_grad():
+        embeds = model.embed(PROMPT, model.encode_images(pixels))
+        ours = model.forward_embeds(embeds, None, 0, last_only=False)[0]
+    theirs = ref.logits(ref.embeds(PROMPT, ref.image_features(pixels)))[0]
+    assert rel_err(ours, theirs) < 1e-5
+    embeds = model.embed(PROMPT, model.encode_images(pixels)).detach().requires_grad_()
+    model.forward_embeds(embeds, None, 0, last_only=False).sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()

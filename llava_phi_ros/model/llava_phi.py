@@ -98,14 +98,20 @@ class LlavaPhiForCausalLM(nn.Module):
         pieces.append(text[prev:])
         return torch.cat(pieces).unsqueeze(0)
 
-    def forward_embeds(self, embeds: torch.Tensor, cache: KVCache, start_pos: int,
+    def forward_embeds(self, embeds: torch.Tensor, cache: KVCache | None, start_pos: int,
                        last_only: bool = True) -> torch.Tensor:
         """Run the decoder on (B, T, D) embeddings at absolute positions start_pos..start_pos+T-1.
 
+        With cache None (training), start_pos must be 0 and attention is causal over the batch's
+        own positions (right padding is harmless: no real token attends to a later pad).
         Returns fp32 logits, (B, V) for the last position when last_only, else (B, T, V).
         """
         t = embeds.shape[1]
-        if start_pos < 0 or start_pos + t > cache.max_len:
+        if cache is None:
+            if start_pos != 0 or t > self.config.text.max_position_embeddings:
+                raise ValueError(f"without a KV cache, positions must start at 0 and fit "
+                                 f"{self.config.text.max_position_embeddings}")
+        elif start_pos < 0 or start_pos + t > cache.max_len:
             raise ValueError(f"positions {start_pos}..{start_pos + t - 1} do not fit the "
                              f"KV cache of {cache.max_len}")
         x = embeds

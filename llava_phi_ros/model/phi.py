@@ -79,21 +79,25 @@ class PhiAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache, layer: int,
-                start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None,
+                layer: int, start_pos: int) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, D)
         shape = (b, t, self.num_heads, self.head_dim)
         q = rotary(self.q_proj(x).view(shape).transpose(1, 2), start_pos)  # (B, H, T, Dh)
         k = rotary(self.k_proj(x).view(shape).transpose(1, 2), start_pos)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         end = start_pos + t
-        cache.keys[layer, :b, :, start_pos:end] = k
-        cache.values[layer, :b, :, start_pos:end] = v
-        keys = cache.keys[layer, :b, :, :end]  # (B, H, end, Dh)
-        values = cache.values[layer, :b, :, :end]
+        if cache is None:  # training: the whole sequence at once, nothing kept
+            keys, values = k, v
+        else:
+            cache.keys[layer, :b, :, start_pos:end] = k
+            cache.values[layer, :b, :, start_pos:end] = v
+            keys = cache.keys[layer, :b, :, :end]  # (B, H, end, Dh)
+            values = cache.values[layer, :b, :, :end]
         mask = None
         if t > 1:  # query i (absolute position start_pos + i) sees keys 0..start_pos + i
-            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            mask = torch.ones(t, keys.shape[2], dtype=torch.bool,
+                              device=x.device).tril(diagonal=keys.shape[2] - t)
         # Scores and softmax in fp32: Phi-2 overflows in fp16 otherwise.
         out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
                                              attn_mask=mask)
@@ -120,7 +124,7 @@ class PhiDecoderLayer(nn.Module):
         self.self_attn = PhiAttention(cfg)
         self.mlp = PhiMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache, layer: int,
-                start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None,
+                layer: int, start_pos: int) -> torch.Tensor:
         h = self.input_layernorm(x)
         return x + self.self_attn(h, rotary, cache, layer, start_pos) + self.mlp(h)
