@@ -400,3 +400,34 @@ def test_diagnostics_warn_about_the_toy_model(graph, node):
     assert wait_for(toy_warning, timeout_s=10, what="toy-model WARN on /diagnostics")
     cameras = [s for a in got for s in a.status if "camera front" in s.name]
     assert cameras and any(kv.key == "rate_hz" for kv in cameras[-1].values)
+
+
+def test_sessions_stay_on_their_first_frame_and_expire(graph):
+    node = graph.assistant("sessions", session_ttl_s=1.0)
+    graph.publish_frame(node, "camera", image_msg(scene(15), t=10.0, frame_id="first"))
+    turn1 = ask_ok(graph, node, question="What is it?", session_id="s1", max_new_tokens=3)
+    graph.publish_frame(node, "camera", image_msg(scene(16), t=11.0, frame_id="second"))
+    turn2 = ask_ok(graph, node, question="And now?", session_id="s1", max_new_tokens=3)
+    fresh = ask_ok(graph, node, question="And now?", max_new_tokens=3)
+    assert turn1.answer.header.frame_id == turn2.answer.header.frame_id == "first"
+    assert fresh.answer.header.frame_id == "second"
+    time.sleep(1.3)  # session_ttl_s runs on the steady clock
+    expired = graph.query(node, question="Still there?", session_id="s1")
+    assert expired.error_code == R.UNKNOWN_SESSION and "s1" in expired.message
+    ask_ok(graph, node, question="Still there?", max_new_tokens=2)
+
+
+def test_model_error_then_still_serving(graph, node, monkeypatch):
+    model = node.core._model
+    real_ask = model.ask
+
+    def failing_ask(image, question, *args, **kwargs):
+        if question == "explode":
+            raise RuntimeError("simulated device failure")
+        return real_ask(image, question, *args, **kwargs)
+
+    monkeypatch.setattr(model, "ask", failing_ask)
+    graph.publish_frame(node, "front", image_msg(scene(17), t=500.0))
+    response = graph.query(node, question="explode", camera="front")
+    assert response.error_code == R.MODEL_ERROR and "simulated device failure" in response.message
+    ask_ok(graph, node, question="fine?", camera="front", max_new_tokens=2)
