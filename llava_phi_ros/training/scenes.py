@@ -532,7 +532,7 @@ Synthetic scenes written by `llava-phi scenes` (llava_phi_ros.training.scenes), 
 
 images/*.png        {n} scenes: 1-4 shapes on a pale background, non-square sizes
 scenes.json         every scene's spec (objects with shape, colour, size, position, bbox, rgb;
-                    background; size) keyed by id, for tests and debugging
+                    background; image size) with its id and caption, for tests and debugging
 captions.json       LLaVA JSON, stage-1 captions: {{"id", "image", "conversations": [human
                     "<image>\\n<caption prompt>", gpt caption]}}
 instruct.json       LLaVA JSON, stage-2 instructions: multi-turn conversations mixing the question
