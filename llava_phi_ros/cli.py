@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     conv.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
                       help="split weights into shards of at most this many GB")
+
+    from .training.evaluate import add_eval_arguments
+    from .training.scenes import add_scenes_arguments
+
+    add_scenes_arguments(sub.add_parser(
+        "scenes", help="render synthetic scenes with LLaVA-format captions, instructions and an "
+                       "evaluation split"))
+    evaluate = sub.add_parser("eval", help="score a model on a scene set or LLaVA-style "
+                                           "question/answer jsonl files")
+    _add_model_args(evaluate)
+    add_eval_arguments(evaluate, include_model_args=False)
     return parser
 
 
@@ -181,7 +192,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert}
+def cmd_scenes(args: argparse.Namespace) -> int:
+    """Write a scene set (see llava_phi_ros.training.scenes)."""
+    from .training.scenes import run_scenes
+
+    return run_scenes(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model through the same code path as `ask` (greedy)."""
+    from .training.evaluate import run_eval
+
+    return run_eval(args, _load_model)
+
+
+COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
+            "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
