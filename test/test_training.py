@@ -308,9 +308,9 @@ def test_patch_targets_follow_pad_resize_and_crop():
     pre = ImagePreprocessConfig.for_image_size(56)
     scene = SceneSpec(Path("x.png"), (ObjectSpec("square", "red", (0, 0, 28, 28)),
                                       ObjectSpec("circle", "blue", (56, 0, 112, 56))))
-    colours, shapes = patch_targets(scene, (112, 56), pre, 14, {"background": 0, "red": 1,
-                                                                "blue": 2},
-                                    {"background": 0, "square": 1, "circle": 2})
+    t = patch_targets(scene, (112, 56), pre, 14, {"background": 0, "red": 1, "blue": 2},
+                      {"background": 0, "square": 1, "circle": 2})
+    colours, shapes = t.colours, t.shapes
     assert colours.shape == (16, 3) and torch.allclose(colours.sum(1), torch.ones(16))
     # The square is exactly patch (row 1, col 0); the circle spans rows 1-2, cols 2-3.
     assert colours[4].tolist() == [0.0, 1.0, 0.0] and shapes[4].tolist() == [0.0, 1.0, 0.0]
@@ -319,6 +319,10 @@ def test_patch_targets_follow_pad_resize_and_crop():
     for i in (6, 7, 10, 11):  # each holds a quarter of the circle: mostly covered
         assert 0.5 < colours[i, 2] < 1.0 and colours[i, 2] == shapes[i, 2]
     assert colours[5, 0] == 1.0 and colours[9, 0] == 1.0
+    # Centres: the square's (14, 14) -> patch 4; the circle's (84, 28) -> row 2, col 3.
+    assert t.centres.nonzero().flatten().tolist() == [4, 11]
+    # Thirds of the 112 px width: columns centred at x = 14, 42, 70, 98.
+    assert t.thirds.tolist() == [0, 1, 1, 2] * 4
 
 
 def test_scene_specs_and_pretext_dataset(scene_dir):
@@ -330,6 +334,10 @@ def test_scene_specs_and_pretext_dataset(scene_dir):
     batch = ds.batch([0, 1])
     assert batch.pixels.shape == (2, 3, 56, 56) and batch.colours.shape == (2, 16, 4)
     assert batch.colours[0, :, 3].sum() > 0.5  # scene 0's red circle is there
+    assert batch.centres.sum(1).tolist() == [1.0, 1.0] and batch.thirds.shape == (2, 16)
+    # Scene 1 is tall (56x84): padded by 14 px at each side, then x1.5 down to 56 px. Column
+    # centres 7, 21, 35, 49 are at x = -3.5, 17.5, 38.5, 59.5 of its 56 px width.
+    assert batch.thirds[1, :4].tolist() == [0, 0, 2, 2]
 
 
 def test_real_scene_generator_output_is_read(tmp_path, tokenizer):
@@ -339,9 +347,12 @@ def test_real_scene_generator_output_is_read(tmp_path, tokenizer):
     out = tmp_path / "gen"
     scenes_mod.write_scenes(out, 6, seed=5, progress=False)
     specs = read_scenes_json(out / "scenes.json")
-    ds = PatchLabelDataset(specs, ImageStore(ImagePreprocessConfig.for_image_size(56)), 14)
-    on_objects = ds.batch(range(6)).colours[..., 1:].sum()
-    assert on_objects > 1.0  # every scene has objects, and they land on patches
+    ds = PatchLabelDataset(specs, ImageStore(ImagePreprocessConfig.for_image_size(112)), 14)
+    batch = ds.batch(range(6))
+    assert batch.colours[..., 1:].sum() > 1.0  # every scene has objects, and they land on patches
+    counts = [len(s.objects) for s in specs]
+    assert batch.centres.sum(1).tolist() == counts  # on the tiny preset's 8x8 grid, one
+    # centre patch per object (the generator keeps objects a third of the width apart)
     records = read_llava_json(out / "instruct.json")
     captions = captions_by_image(read_llava_json(out / "captions.json"))
     assert ConversationDataset(records, tokenizer, "caption", captions=captions).stats \

@@ -555,20 +555,30 @@ def pixel_labels(scene: SceneSpec, size: tuple[int, int],
     return np.where(inside, labels, 0)
 
 
+@dataclass(frozen=True)
+class PatchTargets:
+    """What the stage-0b head learns to read off each patch feature (row-major patches)."""
+
+    colours: torch.Tensor  # (P, n_colours) area fraction of each colour, class 0 = background
+    shapes: torch.Tensor  # (P, n_shapes) area fraction of each shape, class 0 = background
+    centres: torch.Tensor  # (P,) 1.0 where an object's bbox centre lies, else 0.0
+    thirds: torch.Tensor  # (P,) long: the third of the original image's width (0 left .. 2)
+
+
 def patch_targets(scene: SceneSpec, size: tuple[int, int], cfg: ImagePreprocessConfig,
                   patch_size: int, colours: Mapping[str, int], shapes: Mapping[str, int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch, the fraction of its area of each colour and each shape class (class 0 =
-    background): (G*G, n_colours) and (G*G, n_shapes) float32, rows summing to 1, row-major
-    patches as the vision tower orders them."""
+                  ) -> PatchTargets:
+    """Per patch: the area of each colour and shape class (rows sum to 1), whether an object's
+    centre is in it (what counting needs) and which third of the image it lies in (what
+    left / middle / right needs), through the same pad / resize / crop as the pixels."""
     labels = pixel_labels(scene, size, cfg)  # (S, S)
     g = cfg.image_size // patch_size
     cells = labels[:g * patch_size, :g * patch_size].reshape(g, patch_size, g, patch_size)
-    cells = cells.transpose(0, 2, 1, 3).reshape(g * g, patch_size * patch_size)  # (G*G, p*p)
+    cells = cells.transpose(0, 2, 1, 3).reshape(g * g, patch_size * patch_size)  # (P, p*p)
     colour = np.zeros((g * g, len(colours)), dtype=np.float32)
     shape = np.zeros((g * g, len(shapes)), dtype=np.float32)
     for k in range(len(scene.objects) + 1):
-        frac = (cells == k).mean(axis=1, dtype=np.float32)  # (G*G,)
+        frac = (cells == k).mean(axis=1, dtype=np.float32)  # (P,)
         if k == 0:
             colour[:, 0] += frac
             shape[:, 0] += frac
@@ -576,26 +586,40 @@ def patch_targets(scene: SceneSpec, size: tuple[int, int], cfg: ImagePreprocessC
             obj = scene.objects[k - 1]
             colour[:, colours[obj.colour]] += frac
             shape[:, shapes[obj.shape]] += frac
-    return torch.from_numpy(colour), torch.from_numpy(shape)
+    sx, sy, ox, oy = crop_to_original(size, cfg)
+    centres = np.zeros(g * g, dtype=np.float32)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        col = int(((x0 + x1) / 2 - ox) / sx // patch_size)  # original -> crop -> patch
+        row = int(((y0 + y1) / 2 - oy) / sy // patch_size)
+        if 0 <= row < g and 0 <= col < g:
+            centres[row * g + col] = 1.0
+    x_centre = (np.arange(g) + 0.5) * patch_size * sx + ox  # (G,) original x of each column
+    thirds = np.clip(np.floor(3 * x_centre / size[0]), 0, 2).astype(np.int64)
+    return PatchTargets(torch.from_numpy(colour), torch.from_numpy(shape),
+                        torch.from_numpy(centres), torch.from_numpy(np.tile(thirds, g)))
 
 
 @dataclass
 class PatchBatch:
-    """Images and per-patch soft targets for the vision pretext."""
+    """Images and per-patch targets for the vision pretext."""
 
     pixels: torch.Tensor  # (B, 3, S, S)
-    colours: torch.Tensor  # (B, G*G, n_colours) area fractions, class 0 = background
-    shapes: torch.Tensor  # (B, G*G, n_shapes)
+    colours: torch.Tensor  # (B, P, n_colours) area fractions, class 0 = background
+    shapes: torch.Tensor  # (B, P, n_shapes)
+    centres: torch.Tensor  # (B, P) 0/1
+    thirds: torch.Tensor  # (B, P) long 0..2
 
     def to(self, device: torch.device | str) -> PatchBatch:
         """The same batch on `device`."""
         return PatchBatch(self.pixels.to(device), self.colours.to(device),
-                          self.shapes.to(device))
+                          self.shapes.to(device), self.centres.to(device),
+                          self.thirds.to(device))
 
 
 @dataclass
 class PatchLabelDataset:
-    """Scenes with per-patch colour and shape targets (class 0 = background) for stage 0b."""
+    """Scenes with per-patch targets (class 0 = background) for the stage-0b pretext."""
 
     scenes: list[SceneSpec]
     images: ImageStore
@@ -614,7 +638,7 @@ class PatchLabelDataset:
                                                      for o in s.objects})]
         colours = {n: i for i, n in enumerate(self.colour_names)}
         shapes = {n: i for i, n in enumerate(self.shape_names)}
-        self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._targets: list[PatchTargets] = []
         for scene in self.scenes:
             unknown = ({o.colour for o in scene.objects} - colours.keys()) | \
                 ({o.shape for o in scene.objects} - shapes.keys())
@@ -630,6 +654,6 @@ class PatchLabelDataset:
     def batch(self, indices: Sequence[int]) -> PatchBatch:
         """Pixels and targets of these scene indices."""
         pixels = self.images.batch([self.scenes[i].image for i in indices])
-        colours = torch.stack([self._targets[i][0] for i in indices])
-        shapes = torch.stack([self._targets[i][1] for i in indices])
-        return PatchBatch(pixels, colours, shapes)
+        targets = [self._targets[i] for i in indices]
+        return PatchBatch(pixels, *(torch.stack([getattr(t, name) for t in targets])
+                                    for name in ("colours", "shapes", "centres", "thirds")))

@@ -4,8 +4,9 @@ Stages (what trains; everything else is frozen: requires_grad False and not in t
 - 0a: the LLM alone, on the scene text: each conversation with its image's caption written where
   the image will be (captions.json + instruct.json), loss on the assistant's answers;
 - 0b: the vision tower alone, on a supervised pretext: a temporary linear head on the features
-  LLaVA reads (layer -2, CLS dropped) predicts, per patch, the area of each colour and shape
-  (scenes.json); the head is discarded;
+  LLaVA reads (layer -2, CLS dropped) predicts, per patch, the area of each colour and shape,
+  whether an object's centre is there, and the third of the image it is in (from scenes.json);
+  the head is discarded;
 - 0: 0a and 0b together (disjoint parameters: one optimizer step updates both);
 - 1: the projector only, on captions.json (vision tower and LLM frozen);
 - 2: projector + LLM (and the vision tower with tune_vision_tower), on instruct.json.
@@ -213,18 +214,22 @@ def param_groups(named: Sequence[tuple[str, nn.Parameter]],
 
 
 class PatchPretextHead(nn.Module):
-    """Stage 0b's temporary head: per patch feature -> colour and shape class logits."""
+    """Stage 0b's temporary linear head on each patch feature: colour and shape class logits,
+    an object-centre logit and the image-third logits (so the features keep all four)."""
 
     def __init__(self, hidden_size: int, n_colours: int, n_shapes: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
         self.colour = nn.Linear(hidden_size, n_colours)
         self.shape = nn.Linear(hidden_size, n_shapes)
+        self.centre = nn.Linear(hidden_size, 1)
+        self.third = nn.Linear(hidden_size, 3)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # features: (B, P, D) -> (B, P, n_colours), (B, P, n_shapes)
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        # features: (B, P, D) -> colour (B, P, C), shape (B, P, S), centre (B, P), third (B, P, 3)
         h = self.norm(features)
-        return self.colour(h), self.shape(h)
+        return {"colour": self.colour(h), "shape": self.shape(h),
+                "centre": self.centre(h).squeeze(-1), "third": self.third(h)}
 
 
 # ----- losses --------------------------------------------------------------------------------
@@ -261,16 +266,19 @@ def lm_loss(model: LlavaPhiForCausalLM, batch: Batch, total_tokens: int,
 
 def pretext_loss(model: LlavaPhiForCausalLM, head: PatchPretextHead,
                  batch: PatchBatch) -> tuple[torch.Tensor, float]:
-    """Soft cross entropy of the patch colour + shape predictions, and the argmax accuracy on
-    patches mostly covered by an object (background patches would flatter it)."""
+    """Soft cross entropy of the patch colour and shape areas + object-centre BCE + image-third
+    cross entropy; and the colour-and-shape argmax accuracy on patches mostly covered by an
+    object (background patches would flatter it)."""
     features = model.model.vision_tower(batch.pixels.to(model.device, model.dtype))  # (B, P, Dv)
-    colour_logits, shape_logits = head(features.float())
-    loss = F.cross_entropy(colour_logits.flatten(0, 1), batch.colours.flatten(0, 1)) + \
-        F.cross_entropy(shape_logits.flatten(0, 1), batch.shapes.flatten(0, 1))
+    out = head(features.float())
+    loss = F.cross_entropy(out["colour"].flatten(0, 1), batch.colours.flatten(0, 1)) + \
+        F.cross_entropy(out["shape"].flatten(0, 1), batch.shapes.flatten(0, 1)) + \
+        F.binary_cross_entropy_with_logits(out["centre"], batch.centres) + \
+        F.cross_entropy(out["third"].flatten(0, 1), batch.thirds.flatten())
     with torch.no_grad():
         colour_target, shape_target = batch.colours.argmax(-1), batch.shapes.argmax(-1)  # (B, P)
         on_object = colour_target != 0
-        hits = (colour_logits.argmax(-1) == colour_target) & (shape_logits.argmax(-1) ==
+        hits = (out["colour"].argmax(-1) == colour_target) & (out["shape"].argmax(-1) ==
                                                               shape_target)
         acc = float(hits[on_object].float().mean()) if bool(on_object.any()) else 1.0
     return loss, acc
