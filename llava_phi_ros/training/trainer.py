@@ -577,6 +577,41 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainConfig,
+                          step: int, text_stream: SampleStream | None,
+                          vision_stream: SampleStream | None, device: torch.device,
+                          amp: Any) -> tuple[float, float, float | None]:
+    """Forward and backward every micro-batch of optimizer step `step`: the LM loss (mean over
+    all unmasked tokens of the step's batches), the pretext loss (mean over its micro-batches)
+    and the pretext accuracy."""
+    first = step * cfg.batch_size * cfg.grad_accum  # stream position of the step's data
+    lm_value = pretext_value = 0.0
+    accuracy = None
+    if setup.text is not None and text_stream is not None:
+        train_vision = cfg.stage == "2" and cfg.tune_vision_tower
+        batches = [setup.text.batch(text_stream.take(first + k * cfg.batch_size,
+                                                     cfg.batch_size)).to(device)
+                   for k in range(cfg.grad_accum)]
+        total = sum(b.num_label_tokens for b in batches)
+        for batch in batches:
+            with amp:
+                loss = lm_loss(model, batch, total, train_vision)
+            loss.backward()
+            lm_value += loss.item()
+    if setup.vision is not None and vision_stream is not None and setup.head is not None:
+        accs = []
+        for k in range(cfg.grad_accum):
+            pbatch = setup.vision.batch(vision_stream.take(first + k * cfg.batch_size,
+                                                           cfg.batch_size)).to(device)
+            with amp:
+                loss, acc = pretext_loss(model, setup.head, pbatch)
+            (loss / cfg.grad_accum).backward()
+            pretext_value += loss.item() / cfg.grad_accum
+            accs.append(acc)
+        accuracy = float(np.mean(accs))
+    return lm_value, pretext_value, accuracy
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, halt_after: int | None = None,
           time_limit_s: float | None = None, keep_state: bool = False,
@@ -585,6 +620,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
 
     halt_after / time_limit_s stop early (after that global step / wall time) with the state
     saved, as an interruption would; `resume=True` then continues exactly where it stopped.
+    on_step(step, loss) is called after each optimizer step (e.g. for the caller's own eval).
     """
     cfg.validate()
     out = Path(out)
@@ -635,7 +671,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     record = _run_record(cfg, setup, resume)
     _write_json(out / CONFIG_FILE, record)
 
-    train_vision = cfg.stage == "2" and cfg.tune_vision_tower
     text_stream = None if setup.text is None else SampleStream(len(setup.text), cfg.seed, 0)
     vision_stream = None if setup.vision is None else SampleStream(len(setup.vision), cfg.seed, 1)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" \
@@ -679,30 +714,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss_value = lm_value = pretext_value = 0.0
-            if setup.text is not None and text_stream is not None:
-                first = step * per_step
-                batches = [setup.text.batch(text_stream.take(first + k * cfg.batch_size,
-                                                             cfg.batch_size)).to(device)
-                           for k in range(cfg.grad_accum)]
-                total = sum(b.num_label_tokens for b in batches)
-                for batch in batches:
-                    with amp:
-                        loss = lm_loss(model, batch, total, train_vision)
-                    loss.backward()
-                    lm_value += loss.item()
-            if setup.vision is not None and vision_stream is not None and setup.head is not None:
-                first = step * per_step
-                accs = []
-                for k in range(cfg.grad_accum):
-                    pbatch = setup.vision.batch(vision_stream.take(first + k * cfg.batch_size,
-                                                                   cfg.batch_size)).to(device)
-                    with amp:
-                        loss, acc = pretext_loss(model, setup.head, pbatch)
-                    (loss / cfg.grad_accum).backward()
-                    pretext_value += loss.item() / cfg.grad_accum
-                    accs.append(acc)
-                accuracy = float(np.mean(accs))
+            lm_value, pretext_value, step_accuracy = _accumulate_gradients(
+                model, setup, cfg, step, text_stream, vision_stream, device, amp)
+            if step_accuracy is not None:
+                accuracy = step_accuracy
             loss_value = lm_value + pretext_value
             if not math.isfinite(loss_value):
                 raise TrainError(f"the loss became {loss_value} at step {step + 1}; lower --lr "
