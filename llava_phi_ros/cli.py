@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.evaluate import add_eval_arguments
     from .training.scenes import add_scenes_arguments
+    from .training.trainer import add_train_arguments
 
     add_scenes_arguments(sub.add_parser(
         "scenes", help="render synthetic scenes with LLaVA-format captions, instructions and an "
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "question/answer jsonl files")
     _add_model_args(evaluate)
     add_eval_arguments(evaluate, include_model_args=False)
+    add_train_arguments(sub.add_parser(
+        "train", help="staged training (0: parts alone, 1: projector, 2: projector + LLM)"))
     return parser
 
 
@@ -206,8 +209,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args, _load_model)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """One training stage (see llava_phi_ros.training.trainer)."""
+    from .training.trainer import run_train
+
+    return run_train(args)
+
+
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
-            "eval": cmd_eval}
+            "eval": cmd_eval, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
