@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .model.builtin import BUILTIN_TINY, BUILTIN_TINY_WARNING
+from .model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from .model.generation import GenerationConfig
 from .pipeline import BACKENDS
 
@@ -28,7 +28,8 @@ class CliError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help=f"checkpoint directory, or {BUILTIN_TINY} (the default, a toy model)")
+                   help=f"checkpoint directory, or {BUILTIN_TINY} (the default: a toy model "
+                        "trained on synthetic scenes) or builtin:random-tiny")
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference backend (default: torch)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -102,10 +103,10 @@ def _load_model(args: argparse.Namespace):
     model_path = args.model
     if model_path is None:
         print(f"llava-phi: warning: --model not given, using {BUILTIN_TINY}. "
-              f"{BUILTIN_TINY_WARNING}", file=sys.stderr)
+              f"{BUILTIN_WARNINGS[BUILTIN_TINY]}", file=sys.stderr)
         model_path = BUILTIN_TINY
-    elif model_path == BUILTIN_TINY:
-        print(f"llava-phi: warning: {BUILTIN_TINY_WARNING}", file=sys.stderr)
+    elif model_path in BUILTIN_WARNINGS:
+        print(f"llava-phi: warning: {BUILTIN_WARNINGS[model_path]}", file=sys.stderr)
     try:
         return VisionLanguageModel.load(model_path, backend=args.backend, device=args.device,
                                         dtype=args.dtype, system_prompt=args.system_prompt)

@@ -15,7 +15,13 @@ import numpy as np
 from PIL import Image
 
 from .backends.base import Backend, BackendError
-from .model.builtin import BUILTIN_TINY, build_builtin_tiny
+from .model.builtin import (
+    BUILTIN_RANDOM_TINY,
+    BUILTIN_TINY,
+    BUILTIN_TINY_DIR,
+    BUILTINS,
+    build_random_tiny,
+)
 from .model.generation import (
     ChoiceScores,
     ContextOverflowError,
@@ -120,7 +126,7 @@ class VisionLanguageModel:
     def load(cls, model_path: str, backend: str = "torch", device: str = "cpu",
              dtype: str | None = None, max_context: int | None = None,
              system_prompt: str | None = None) -> VisionLanguageModel:
-        """`builtin:tiny` or a checkpoint directory (either supported layout)."""
+        """`builtin:tiny`, `builtin:random-tiny` or a checkpoint directory (either layout)."""
         from .backends.torch_backend import TorchBackend, check_device, resolve_dtype
 
         if backend not in BACKENDS:
@@ -133,10 +139,17 @@ class VisionLanguageModel:
         except BackendError as exc:
             raise ModelLoadError(str(exc)) from exc
         precision = str(torch_dtype).removeprefix("torch.")
-        if model_path == BUILTIN_TINY:
-            model, tokenizer, preprocess = build_builtin_tiny()
+        if model_path == BUILTIN_RANDOM_TINY:
+            model, tokenizer, preprocess = build_random_tiny()
             model = model.to(torch_device, torch_dtype)
-            name = f"{BUILTIN_TINY} (random, untrained)"
+            name = f"{BUILTIN_RANDOM_TINY} (untrained)"
+        elif model_path == BUILTIN_TINY:
+            if not (BUILTIN_TINY_DIR / "model.safetensors").is_file():
+                raise ModelLoadError(f"{BUILTIN_TINY}: the trained model is not installed at "
+                                     f"{BUILTIN_TINY_DIR}")
+            model, tokenizer, preprocess = _load_checkpoint_dir(str(BUILTIN_TINY_DIR),
+                                                                torch_device, torch_dtype)
+            name = f"{BUILTIN_TINY} (trained on synthetic scenes)"
         else:
             model, tokenizer, preprocess = _load_checkpoint_dir(model_path, torch_device,
                                                                 torch_dtype)
@@ -144,7 +157,7 @@ class VisionLanguageModel:
         model_id = f"{name}/{backend}/{precision}"
         vlm = cls(TorchBackend(model, max_context, model_id), tokenizer, preprocess, model_id,
                   system_prompt)
-        vlm.is_builtin_toy = model_path == BUILTIN_TINY
+        vlm.is_builtin_toy = model_path in BUILTINS
         return vlm
 
     # ----- inference --------------------------------------------------------------------------

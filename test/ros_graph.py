@@ -80,8 +80,9 @@ class Graph:
         self._thread.start()
 
     def assistant(self, namespace: str, **params: Any) -> AssistantNode:
-        """An AssistantNode in its own namespace: builtin:tiny, no frame-age limit, unless given."""
-        params.setdefault("model_path", "builtin:tiny")
+        """An AssistantNode in its own namespace: the random toy model (answers of any length),
+        no frame-age limit, unless given."""
+        params.setdefault("model_path", "builtin:random-tiny")
         params.setdefault("max_image_age_s", 0.0)  # test frames carry synthetic stamps
         node = AssistantNode(namespace=namespace, parameter_overrides=[
             Parameter(name, value=value) for name, value in params.items()])

@@ -1,4 +1,4 @@
-"""The ROS-free service core (llava_phi_ros/assistant.py) with the real builtin:tiny model.
+"""The ROS-free service core (llava_phi_ros/assistant.py) with the real builtin:random-tiny model.
 
 Real threads, a fake node clock and a shiftable steady clock. Timing-dependent cases (BUSY,
 TIMEOUT, CANCELLED) hold the worker with the test-only per-token delay and synchronise on
@@ -98,7 +98,7 @@ def frame(stamp_ns: int, seed: int = 0, camera: str = "camera", received_ns: int
 
 @pytest.fixture(scope="module")
 def model() -> VisionLanguageModel:
-    return VisionLanguageModel.load("builtin:tiny")
+    return VisionLanguageModel.load("builtin:random-tiny")  # long answers for timing tests
 
 
 class Harness:
@@ -315,7 +315,7 @@ def test_not_ready_before_load_and_while_inactive(make: Callable[..., Harness],
     err = h.refused(QueryRequest("Hi?"))
     assert err.code == A.NOT_READY and "not active" in err.message
     h.core.set_active(True)
-    assert h.core.model_loaded and h.core.active and "builtin:tiny" in h.core.model_id
+    assert h.core.model_loaded and h.core.active and "builtin:random-tiny" in h.core.model_id
     h.serves()
 
 
@@ -546,7 +546,7 @@ def test_answer_is_grounded_on_the_selected_frame(make: Callable[..., Harness]) 
                                                             frames[-1].stamp_ns,
                                                             "camera_optical", "camera")
     assert a.request_id == "req-1" and a.frame is frames[-1] and a.question == "What color is it?"
-    assert "builtin:tiny" in a.model_id and a.choice_index == -1
+    assert "builtin:random-tiny" in a.model_id and a.choice_index == -1
     out = h.ask(stamp_ns=frames[1].stamp_ns + 20 * 10**6, max_new_tokens=2)  # within 50 ms
     assert out.answer.header == frames[1].header and out.answer.frame is frames[1]
     out = h.ask(camera="left", max_new_tokens=2)
@@ -796,7 +796,7 @@ def test_stats_shape_and_content(make: Callable[..., Harness]) -> None:
                       "running", "cameras", "latency", "sessions", "cache_entries", "answers",
                       "errors"}
     assert s["model_loaded"] and s["active"] and s["builtin_toy"]
-    assert "builtin:tiny" in s["model_id"]
+    assert "builtin:random-tiny" in s["model_id"]
     assert s["queue_depth"] == 0 and s["running"] is False
     cam = s["cameras"]["camera"]
     assert cam["frames"] == 5 and cam["rate_hz"] == pytest.approx(10.0)

@@ -18,12 +18,12 @@ def frame(seed: int) -> np.ndarray:
 
 @pytest.fixture()
 def vlm() -> VisionLanguageModel:
-    return VisionLanguageModel.load("builtin:tiny")
+    return VisionLanguageModel.load("builtin:random-tiny")
 
 
 def fresh(question, img, history=(), choices=()):
     """The same request on a model that has never run anything (nothing to reuse)."""
-    return VisionLanguageModel.load("builtin:tiny").ask(img, question, history, GEN, choices)
+    return VisionLanguageModel.load("builtin:random-tiny").ask(img, question, history, GEN, choices)
 
 
 def assert_same(a, b):

@@ -58,7 +58,7 @@ def node(graph):
 @pytest.fixture(scope="module")
 def direct():
     """The same model, asked directly (no ROS)."""
-    return VisionLanguageModel.load("builtin:tiny")
+    return VisionLanguageModel.load("builtin:random-tiny")
 
 
 def direct_choice_logprobs(direct, rgb):
@@ -340,10 +340,10 @@ def change_state(graph, node, transition_id: int) -> bool:
 
 
 def test_lifecycle_not_ready_and_reload_another_model(graph, tmp_path_factory):
-    from llava_phi_ros.model.builtin import build_builtin_tiny
+    from llava_phi_ros.model.builtin import build_random_tiny
     from llava_phi_ros.model.checkpoint import save_canonical
 
-    model, tokenizer, preprocess = build_builtin_tiny(seed=1)
+    model, tokenizer, preprocess = build_random_tiny(seed=1)
     ckpt = tmp_path_factory.mktemp("ckpt") / "other_tiny"
     save_canonical(model, ckpt, tokenizer=tokenizer, preprocess_config=preprocess)
     node = graph.assistant("life")
@@ -366,7 +366,7 @@ def test_lifecycle_not_ready_and_reload_another_model(graph, tmp_path_factory):
     graph.publish_frame(node, "camera", image_msg(scene(14), t=node.get_clock().now()
                                                   .nanoseconds / 1e9))
     after = ask_ok(graph, node, question="q", max_new_tokens=2).answer.model_id
-    assert before.startswith("builtin:tiny") and after.startswith("other_tiny")
+    assert before.startswith("builtin:random-tiny") and after.startswith("other_tiny")
 
 
 def test_bad_model_path_fails_configure_with_the_reason(graph, tmp_path):
@@ -395,7 +395,7 @@ def test_diagnostics_warn_about_the_toy_model(graph, node):
     def toy_warning():
         return [s for a in got for s in a.status
                 if s.name.startswith(node.get_fully_qualified_name()) and "model" in s.name
-                and s.level == DiagnosticStatus.WARN and "builtin:tiny" in s.message]
+                and s.level == DiagnosticStatus.WARN and "toy model" in s.message]
 
     assert wait_for(toy_warning, timeout_s=10, what="toy-model WARN on /diagnostics")
     cameras = [s for a in got for s in a.status if "camera front" in s.name]

@@ -1,10 +1,16 @@
-"""`builtin:tiny`: the embedded toy model.
+"""The embedded models.
 
-Until a model trained here ships (issue "Staged training"), it is a tiny LLaVA-Phi with random
-weights built on the fly: it exercises every code path, and its answers are meaningless.
+- `builtin:tiny`: a 1.9M-parameter LLaVA-Phi trained here on generated scenes of coloured shapes
+  (`scripts/train_tiny.sh`; model card in llava_phi_ros/models/tiny/MODEL_CARD.md). It answers
+  questions about such scenes and nothing else.
+- `builtin:random-tiny`: the same family with random weights, built on the fly. Its answers are
+  meaningless; it exists to exercise the plumbing (tests, profiling) with arbitrarily long
+  generations.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -14,19 +20,27 @@ from .preprocess import ImagePreprocessConfig
 from .tokenizer import Tokenizer, build_byte_tokenizer
 
 BUILTIN_TINY = "builtin:tiny"
-BUILTIN_TINY_WARNING = ("builtin:tiny is a tiny LLaVA-Phi with RANDOM weights: its answers are "
-                        "meaningless; pass --model DIR for a real checkpoint")
+BUILTIN_RANDOM_TINY = "builtin:random-tiny"
+BUILTINS = (BUILTIN_TINY, BUILTIN_RANDOM_TINY)
+BUILTIN_TINY_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
+BUILTIN_WARNINGS = {
+    BUILTIN_TINY: "builtin:tiny is a 1.9M-parameter toy model trained here on synthetic scenes "
+                  "of coloured shapes: it knows nothing else; pass --model DIR for real "
+                  "LLaVA-Phi weights",
+    BUILTIN_RANDOM_TINY: "builtin:random-tiny has RANDOM weights: its answers are meaningless "
+                         "(it exists to test the plumbing)",
+}
 
 
-def builtin_tiny_config() -> LlavaPhiConfig:
+def random_tiny_config() -> LlavaPhiConfig:
     """Byte-tokenizer vocabulary (257 ids) rounded up to 320, 56 px images (16 image tokens)."""
     return tiny_config(vocab_size=320, image_size=56).with_text(max_position_embeddings=1024)
 
 
-def build_builtin_tiny(seed: int = 0) -> tuple[LlavaPhiForCausalLM, Tokenizer,
-                                               ImagePreprocessConfig]:
+def build_random_tiny(seed: int = 0) -> tuple[LlavaPhiForCausalLM, Tokenizer,
+                                              ImagePreprocessConfig]:
     """The random toy model, its byte tokenizer and preprocessing; identical on every call."""
-    cfg = builtin_tiny_config()
+    cfg = random_tiny_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaPhiForCausalLM(cfg)

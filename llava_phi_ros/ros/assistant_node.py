@@ -30,6 +30,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from .. import assistant as core
 from ..action import Ask
+from ..model.builtin import BUILTIN_WARNINGS
 from ..msg import Answer
 from ..srv import Query
 from .debug_overlay import draw_answer
@@ -44,7 +45,8 @@ from .launch_support import IMAGE_TRANSPORTS as TRANSPORTS
 
 # name: (default, description). Types follow the defaults; doubles are always floats.
 PARAMETERS: dict[str, tuple[Any, str]] = {
-    "model_path": ("", "Checkpoint directory, or builtin:tiny for the embedded toy model. "
+    "model_path": ("", "Checkpoint directory, or builtin:tiny for the embedded toy model "
+                       "(builtin:random-tiny: random weights, for plumbing tests). "
                        "Required: an empty or unreadable path fails configure."),
     "backend": ("torch", "Inference backend: torch | onnxruntime | tensorrt."),
     "device": ("cpu", "torch device, e.g. cpu or cuda:0."),
@@ -178,9 +180,8 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(self._configure_error)
             return TransitionCallbackReturn.FAILURE
         self.core, self._configure_error = assistant, ""
-        if assistant.stats().get("builtin_toy"):
-            self.get_logger().warning("model_path is builtin:tiny, a toy model: its answers are "
-                                      "only as good as its training")
+        if values["model_path"] in BUILTIN_WARNINGS:
+            self.get_logger().warning(BUILTIN_WARNINGS[values["model_path"]])
         self._subscribe(settings.cameras, values["image_transport"], values["qos_reliable"])
         self.get_logger().info(f"configured with {assistant.model_id}")
         return TransitionCallbackReturn.SUCCESS
@@ -419,7 +420,7 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
     out = []
     if stats.get("builtin_toy"):
         out.append(status("model", DiagnosticStatus.WARN,
-                          "builtin:tiny toy model loaded: not for real use",
+                          f"{stats.get('model_id')}: a toy model, not for real use",
                           {"model_id": stats.get("model_id"), "active": stats.get("active")}))
     else:
         out.append(status("model", DiagnosticStatus.OK if stats.get("active")

@@ -25,7 +25,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from ..action import Ask
-from ..model.builtin import BUILTIN_TINY, BUILTIN_TINY_WARNING
+from ..model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from ..srv import Query
 from .assistant_node import AssistantNode
 from .image_conversion import rgb_to_image_msg
@@ -138,7 +138,7 @@ def _wait(future, timeout_s: float = 120.0):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `llava-phi-demo`."""
     parser = argparse.ArgumentParser(prog="llava-phi-demo", description=__doc__)
-    parser.add_argument("--model", default="builtin:tiny", help="model_path of the node")
+    parser.add_argument("--model", default=BUILTIN_TINY, help="model_path of the node")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     rclpy.init()
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if assistant.core is None:
             print("demo: the assistant failed to configure; see the log above", file=sys.stderr)
             return 1
-        if args.model == BUILTIN_TINY:
-            print(f"demo: warning: {BUILTIN_TINY_WARNING}", file=sys.stderr)
+        if args.model in BUILTIN_WARNINGS:
+            print(f"demo: warning: {BUILTIN_WARNINGS[args.model]}", file=sys.stderr)
         camera = CameraPublisher()
         planner = Node("demo_planner")
         nodes = [assistant, camera, planner]
