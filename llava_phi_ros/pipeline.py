@@ -139,14 +139,12 @@ class VisionLanguageModel:
         except BackendError as exc:
             raise ModelLoadError(str(exc)) from exc
         precision = str(torch_dtype).removeprefix("torch.")
-        if model_path == BUILTIN_RANDOM_TINY:
+        if model_path == BUILTIN_RANDOM_TINY or (model_path == BUILTIN_TINY
+                                                  and BUILTIN_TINY_DIR is None):
             model, tokenizer, preprocess = build_random_tiny()
             model = model.to(torch_device, torch_dtype)
-            name = f"{BUILTIN_RANDOM_TINY} (untrained)"
+            name = f"{model_path} (random, untrained)"
         elif model_path == BUILTIN_TINY:
-            if not (BUILTIN_TINY_DIR / "model.safetensors").is_file():
-                raise ModelLoadError(f"{BUILTIN_TINY}: the trained model is not installed at "
-                                     f"{BUILTIN_TINY_DIR}")
             model, tokenizer, preprocess = _load_checkpoint_dir(str(BUILTIN_TINY_DIR),
                                                                 torch_device, torch_dtype)
             name = f"{BUILTIN_TINY} (trained on synthetic scenes)"

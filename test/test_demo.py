@@ -17,7 +17,7 @@ def test_demo_prints_grounded_answers(tmp_path):
     proc = subprocess.run([str(demo)], capture_output=True, text=True, timeout=300, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "toy model" in proc.stderr  # the toy model says what its answers are worth
+    assert "RANDOM weights" in proc.stderr  # the toy model says what its answers are worth
     questions = re.findall(r"^Q \((service|action)\): ", proc.stdout, re.M)
     assert questions.count("service") == 3 and questions.count("action") == 1
     grounding = re.findall(r"camera=camera frame_id=camera_optical_frame stamp=\d+\.\d{9}",

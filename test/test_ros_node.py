@@ -24,6 +24,7 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
 from llava_phi_ros.action import Ask
+from llava_phi_ros.model.builtin import BUILTIN_TINY_DIR
 from llava_phi_ros.model.generation import GenerationConfig
 from llava_phi_ros.msg import Answer
 from llava_phi_ros.pipeline import VisionLanguageModel
@@ -431,3 +432,34 @@ def test_model_error_then_still_serving(graph, node, monkeypatch):
     response = graph.query(node, question="explode", camera="front")
     assert response.error_code == R.MODEL_ERROR and "simulated device failure" in response.message
     ask_ok(graph, node, question="fine?", camera="front", max_new_tokens=2)
+
+
+def red_and_blue_scenes():
+    """One single-object scene with a red object and one with a blue object (held-out seed)."""
+    from llava_phi_ros.training.scenes import generate_scenes, render_scene
+
+    found = {}
+    for s in generate_scenes(60, seed=10, object_counts=(1,)):
+        colour = s.objects[0].colour
+        if colour in ("red", "blue") and colour not in found:
+            found[colour] = (np.asarray(render_scene(s)), s.objects[0].shape)
+    assert set(found) == {"red", "blue"}
+    return found
+
+
+@pytest.mark.skipif(BUILTIN_TINY_DIR is None,
+                    reason="the trained builtin:tiny has not shipped yet (issue 3)")
+@pytest.mark.parametrize("transport", ["raw", "compressed"])
+def test_trained_model_names_the_right_colour_in_every_encoding(graph, transport):
+    node = graph.assistant(f"trained_{transport}", model_path="builtin:tiny",
+                           image_transport=transport)
+    formats = ["rgb8", "bgr8", "rgba8", "bgra8"] if transport == "raw" else ["jpeg", "png"]
+    t = 700.0
+    for colour, (rgb, shape) in red_and_blue_scenes().items():
+        for fmt in formats:
+            t += 1.0
+            msg = image_msg(rgb, fmt, t=t) if transport == "raw" else compressed_msg(rgb, fmt, t=t)
+            graph.publish_frame(node, "camera", msg)
+            got = ask_ok(graph, node, question=f"What colour is the {shape}?",
+                         stamp=stamp(t)).answer
+            assert got.text == colour, (fmt, colour, got.text)
