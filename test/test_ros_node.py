@@ -383,6 +383,7 @@ def test_bad_parameter_values_are_refused(graph, node):
     from rclpy.parameter import Parameter
     for name, value, reason in (("top_p", 1.5, "top_p"), ("cameras", ["/abs"], "camera"),
                                 ("backend", "tensorflow", "backend"),
+                                ("dtype", "float8", "dtype"),
                                 ("max_pending_queries", -1, "max_pending_queries")):
         future = params.call_async(SetParameters.Request(parameters=[
             Parameter(name, value=value).to_parameter_msg()]))

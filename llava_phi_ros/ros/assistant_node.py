@@ -40,7 +40,7 @@ from .image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
-from .launch_support import BACKENDS, NODE_NAME
+from .launch_support import BACKENDS, DTYPES, NODE_NAME
 from .launch_support import IMAGE_TRANSPORTS as TRANSPORTS
 
 # name: (default, description). Types follow the defaults; doubles are always floats.
@@ -90,6 +90,8 @@ def settings_from_values(values: dict[str, Any]) -> core.AssistantSettings:
     settings.validate()
     if values["backend"] not in BACKENDS:
         raise ValueError(f"backend {values['backend']!r} is not one of {', '.join(BACKENDS)}")
+    if values["dtype"] not in DTYPES:
+        raise ValueError(f"dtype {values['dtype']!r} is not one of {', '.join(DTYPES)}")
     if values["image_transport"] not in TRANSPORTS:
         raise ValueError(f"image_transport {values['image_transport']!r} is not one of "
                          f"{', '.join(TRANSPORTS)}")
