@@ -167,12 +167,7 @@ def _read_config(d: Path) -> tuple[LlavaPhiConfig, str]:
     if not path.is_file():
         empty = "" if any(d.iterdir()) else " (the directory is empty)"
         raise CheckpointError(f"{d}: no {CONFIG_FILE}{empty}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot parse {CONFIG_FILE}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: {CONFIG_FILE} is not a JSON object")
+    raw = _read_json_object(path)
     try:
         return LlavaPhiConfig.from_dict(raw), str(raw.get("model_type"))
     except ConfigError as exc:
@@ -603,17 +598,23 @@ def save_llava_hf_layout(model: LlavaPhiForCausalLM, out_dir: str | Path,
     return Path(out_dir)
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object, or a CheckpointError naming the file and the problem."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot parse {path.name}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: {path.name} is not a JSON object")
+    return raw
+
+
 def read_preprocess_config(src: Path, cfg: LlavaPhiConfig) -> ImagePreprocessConfig:
     """src's preprocessor_config.json, else the default CLIP preprocessing for the config."""
     path = src / PREPROCESSOR_FILE
     if not path.is_file():
         return _default_preprocess(cfg)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot parse {PREPROCESSOR_FILE}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: {PREPROCESSOR_FILE} is not a JSON object")
+    raw = _read_json_object(path)
     try:
         pre = ImagePreprocessConfig.from_dict(raw, pad_to_square=cfg.image_aspect_ratio == "pad")
     except PreprocessConfigError as exc:
