@@ -190,6 +190,11 @@ def preprocess_image(image: Image.Image | np.ndarray,
                      cfg: ImagePreprocessConfig | None = None) -> np.ndarray:
     """PIL image or (H, W, 3) uint8 RGB array -> float32 (3, S, S) CLIP pixel values."""
     cfg = cfg or ImagePreprocessConfig()
+    return pixel_values(square_crop(image, cfg), cfg)
+
+
+def square_crop(image: Image.Image | np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
+    """The geometric half of preprocessing: pad, resize, centre crop -> uint8 (3, S, S)."""
     img = _to_pil(image)
     if cfg.pad_to_square:
         img = expand_to_square(img, cfg.background_rgb)
@@ -199,6 +204,11 @@ def preprocess_image(image: Image.Image | np.ndarray,
     x = np.asarray(img).transpose(2, 0, 1)  # (3, H, W) uint8
     if cfg.do_center_crop:
         x = _center_crop(x, cfg.image_size)  # (3, S, S)
+    return x
+
+
+def pixel_values(x: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
+    """The numeric half: uint8 (3, S, S) -> rescaled, normalised float32 (3, S, S)."""
     # Same dtype path as transformers: rescale in float64 then cast, normalise in float32.
     if cfg.do_rescale:
         x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..model.preprocess import ImagePreprocessConfig, load_image, preprocess_image
+from ..model.preprocess import ImagePreprocessConfig, load_image, pixel_values, square_crop
 from ..model.prompt import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
@@ -208,30 +208,16 @@ def tokenize_conversation(turns: Sequence[tuple[str, str]], tokenizer: TextToken
 
 
 # ----- images --------------------------------------------------------------------------------
-def _finish_pixels(raw: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
-    """uint8 (3, S, S) after pad/resize/crop -> float32 pixel values, as preprocess_image."""
-    if cfg.do_rescale:
-        x = (raw.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    else:
-        x = raw.astype(np.float32)
-    if cfg.do_normalize:
-        mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
-        x = (x - mean) / std
-    return np.ascontiguousarray(x)
-
-
 class ImageStore:
     """Loads and preprocesses images with inference's `preprocess_image`; keeps them as uint8.
 
     The cache holds the padded, resized, cropped uint8 image (4x smaller than float32); the
-    rescale and normalisation are redone on each use with the same numpy operations, so
-    `pixels(path)` equals `preprocess_image(load_image(path), cfg)` bit for bit.
+    rescale and normalisation are redone on each use by the same two halves preprocess_image
+    runs, so `pixels(path)` equals `preprocess_image(load_image(path), cfg)` bit for bit.
     """
 
     def __init__(self, preprocess: ImagePreprocessConfig, cache: bool = True):
         self.preprocess = preprocess
-        self._geometry = replace(preprocess, do_rescale=False, do_normalize=False)
         self.cache = cache
         self._raw: dict[Path, np.ndarray] = {}
         self.sizes: dict[Path, tuple[int, int]] = {}  # (width, height) of each file, once read
@@ -242,14 +228,14 @@ class ImageStore:
             return raw
         image = load_image(path)
         self.sizes[path] = image.size
-        raw = preprocess_image(image, self._geometry).astype(np.uint8)  # (3, S, S) exact ints
+        raw = square_crop(image, self.preprocess)  # (3, S, S) uint8
         if self.cache:
             self._raw[path] = raw
         return raw
 
     def pixels(self, path: Path) -> np.ndarray:
         """float32 (3, S, S) pixel values of one image file."""
-        return _finish_pixels(self._load_raw(path), self.preprocess)
+        return pixel_values(self._load_raw(path), self.preprocess)
 
     def batch(self, paths: Sequence[Path]) -> torch.Tensor:
         """(K, 3, S, S) float32 pixel values of K image files."""
