@@ -100,8 +100,9 @@ def test_random_scene_deterministic_for_both_rng_kinds():
 
 def test_write_scenes_is_deterministic(tmp_path, scene_set):
     S.write_scenes(tmp_path / "again", N_SET, seed=7, progress=False)
-    for rel in ("captions.json", "instruct.json", "scenes.json", "eval/questions.jsonl",
-                "eval/answers.jsonl", "images/s7_000000.png", f"images/s7_{N_SET - 1:06d}.png"):
+    for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, "scenes.json",
+                "eval/questions.jsonl", "eval/answers.jsonl", "images/s7_000000.png",
+                f"images/s7_{N_SET - 1:06d}.png"):
         assert (tmp_path / "again" / rel).read_bytes() == (scene_set / rel).read_bytes(), rel
 
 
@@ -399,3 +400,23 @@ def test_cli_hooks(tmp_path, capsys):
     blocker.write_text("")
     assert _run(["--out", str(blocker / "sub"), "--n", "2", "--seed", "1"]) == 1
     assert _run(["--out", str(blocker), "--n", "2", "--seed", "1"]) == 2
+
+
+def test_mc_drills_state_the_answer_and_have_no_image(scene_set):
+    drills = json.loads((scene_set / S.MC_DRILL_FILE).read_text())
+    specs = {s["id"]: s for s in json.loads((scene_set / "scenes.json").read_text())["scenes"]}
+    assert len(drills) == -(-N_SET // S.MC_DRILL_EVERY)  # one per MC_DRILL_EVERY scenes
+    letters = Counter()
+    for rec in drills:
+        assert "image" not in rec and rec["question_types"] == ["mc_drill"]
+        [human, gpt] = rec["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert "<image>" not in human["value"]
+        context, question = human["value"].split("\n", 1)
+        word = context.removeprefix("Context: the answer is ").removesuffix(".")
+        options = _options(question)
+        assert options["ABCD".index(gpt["value"])] == word  # the letter of the stated answer
+        scene = S.Scene.from_dict(specs[rec["id"].removesuffix("_mc")])
+        _check_qa(scene, S.QA(question, gpt["value"], "mc", options))  # a true mc question
+        letters[gpt["value"]] += 1
+    assert len(letters) >= 3  # the right letter moves around

@@ -494,3 +494,41 @@ def test_cli_errors_and_exit_codes(tmp_path, scene_dir, micro_dir, capsys):
     assert "differ" in capsys.readouterr().err
     assert run("--resume", "--out", str(tmp_path / "e")) == 0
     assert "finished at step 2/2" in capsys.readouterr().out
+
+
+def test_mc_drills_join_stages_0a_and_2_as_text_only_samples(tmp_path, scene_dir, tokenizer):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("captions.json", "instruct.json"):
+        (data / name).write_text((scene_dir / name).read_text())
+    drill = {"id": "d0", "conversations": [
+        {"from": "human", "value": "Context: the answer is red.\nWhat colour is the circle?\n"
+                                   "A. blue\nB. red\nAnswer with the option's letter from the "
+                                   "given choices directly."},
+        {"from": "gpt", "value": "B"}]}
+    for stage, expected in (("0a", True), ("2", True), ("1", False)):
+        names = [p.name for p in trainer._json_paths(TrainConfig(stage=stage, data=str(data)),
+                                                     ("instruct.json",))]
+        assert (trainer.MC_DRILL_FILE in names) is False  # none written yet
+        (data / trainer.MC_DRILL_FILE).write_text(json.dumps([drill]))
+        names = [p.name for p in trainer._json_paths(TrainConfig(stage=stage, data=str(data)),
+                                                     ("instruct.json",))]
+        assert (trainer.MC_DRILL_FILE in names) is expected, stage
+        (data / trainer.MC_DRILL_FILE).unlink()
+    # In caption mode (stage 0a) the text-only drill is kept as it is, not skipped.
+    records = read_llava_json(scene_dir / "instruct.json")
+    (tmp_path / "d.json").write_text(json.dumps([drill]))
+    drills = read_llava_json(tmp_path / "d.json")
+    captions = captions_by_image(read_llava_json(scene_dir / "captions.json"))
+    ds = ConversationDataset(records + drills, tokenizer, "caption", captions=captions)
+    assert len(ds) == len(records) + 1 and ds.stats.skipped_no_caption == 0
+    text = tokenizer.decode(ds.samples[-1].ids, skip_special_tokens=False)
+    assert "USER: Context: the answer is red.\nWhat colour is the circle?" in text
+    labelled = [t for t, lab in zip(ds.samples[-1].ids, ds.samples[-1].labels, strict=True)
+                if lab != IGNORE_INDEX]
+    assert tokenizer.decode(labelled, skip_special_tokens=False) == " B<|endoftext|>"
+    # In image mode (stage 2) it is a text-only sample in a batch with image samples.
+    images = ImageStore(ImagePreprocessConfig.for_image_size(56))
+    mixed = ConversationDataset(records[:2] + drills, tokenizer, "image", images, 16)
+    batch = mixed.batch([0, 1, 2])
+    assert batch.pixels.shape[0] == 2 and int(batch.image_mask[2].sum()) == 0

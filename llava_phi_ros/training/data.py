@@ -374,8 +374,8 @@ class ConversationDataset:
         """One record tokenised (None when it cannot be used in this mode)."""
         turns = record.turns
         with_image = self.mode == "image" and record.image is not None
-        if self.mode == "caption":
-            caption = None if record.image is None else captions.get(record.image)  # type: ignore
+        if self.mode == "caption" and record.image is not None:  # text-only records as they are
+            caption = captions.get(record.image)  # type: ignore[union-attr]
             if caption is None:
                 self.stats.skipped_no_caption += 1
                 return None

@@ -90,6 +90,8 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "Summarize the visual content of the image.",
     "Give a short and clear explanation of the subsequent image.",
 )
+MC_DRILL_FILE = "mc_text.json"
+MC_DRILL_EVERY = 2  # one text-only mc drill per this many scenes
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA ScienceQA
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the {shape}?", "What color is the {shape}?",
@@ -440,6 +442,17 @@ def _multiple_choice(scene: Scene, r: _Rng) -> QA:
     return QA(text, letters[options.index(base.answer)], "mc", options)
 
 
+def mc_drill(scene: Scene, rng: random.Random | np.random.Generator) -> QA | None:
+    """A text-only multiple-choice question whose answer is stated in its first line: the
+    letter-lookup half of an mc question on its own (None when the scene has no mc question)."""
+    qa = make_question(scene, "mc", rng)
+    if qa is None or qa.options is None:
+        return None
+    word = qa.options["ABCD".index(qa.answer)]
+    return QA(f"Context: the answer is {word}.\n{qa.question}", qa.answer, "mc_drill",
+              qa.options)
+
+
 def make_question(scene: Scene, question_type: str, rng: random.Random | np.random.Generator,
                   answer_yes: bool | None = None) -> QA | None:
     """One question of the given type, or None when the scene cannot be asked it; answer_yes
@@ -470,10 +483,11 @@ def scene_key(scene: Scene) -> str:
     return json.dumps(scene.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+def _conversation(turns: Sequence[tuple[str, str]], image: bool = True) -> list[dict[str, str]]:
+    """LLaVA messages of (question, answer) turns; `<image>` opens the first when image."""
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
+        conv.append({"from": "human", "value": ("<image>\n" if i == 0 and image else "") + q})
         conv.append({"from": "gpt", "value": a})
     return conv
 
@@ -537,6 +551,10 @@ captions.json       LLaVA JSON, stage-1 captions: {{"id", "image", "conversation
                     "<image>\\n<caption prompt>", gpt caption]}}
 instruct.json       LLaVA JSON, stage-2 instructions: multi-turn conversations mixing the question
                     types; each record has an extra "question_types" list (one per turn)
+mc_text.json        LLaVA JSON, text only: multiple-choice drills that state the answer
+                    ("Context: the answer is red." + an mc question), one per {every} scenes; they
+                    teach the tiny LLM to pick an option's letter, which it cannot learn from
+                    the image questions alone
 eval/questions.jsonl  LLaVA eval style: {{"question_id", "image", "text", "category"}}; one
                     question per line, balanced over categories, yes/no half yes
 eval/answers.jsonl  {{"question_id", "answer", "category"}} (+ "options" for mc)
@@ -560,7 +578,8 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         for name in ("images", "eval"):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
-        for name in ("scenes.json", "captions.json", "instruct.json", "README.txt"):
+        for name in ("scenes.json", "captions.json", "instruct.json", MC_DRILL_FILE,
+                     "README.txt"):
             (out / name).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(exist_ok=True)
@@ -615,7 +634,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
 
     ids = [f"s{seed}_{i:06d}" for i in range(n)]
     paths = [f"images/{sid}.png" for sid in ids]
-    captions, instruct, specs = [], [], []
+    captions, instruct, specs, drills = [], [], [], []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=not progress or n < 100,
                   file=sys.stderr):
         scene = scenes[i]
@@ -632,9 +651,15 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
                          "conversations": _conversation([(q.question, q.answer) for q in qas]),
                          "question_types": [q.question_type for q in qas]})
         specs.append({"id": ids[i], "image": paths[i], "caption": text} | scene.to_dict())
+        if i % MC_DRILL_EVERY == 0:
+            drill = mc_drill(scene, np.random.default_rng([seed, i, 2**32 - 2]))
+            if drill is not None:
+                drills.append({"id": f"{ids[i]}_mc", "conversations": _conversation(
+                    [(drill.question, drill.answer)], image=False), "question_types": ["mc_drill"]})
     pairs = _eval_questions(scenes, paths, n_eval, seed)
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
+    _write_json(out / MC_DRILL_FILE, drills)
     _write_json(out / "scenes.json", {"format_version": SCENES_FORMAT_VERSION, "seed": seed,
                                       "n": n, "object_counts": _check_counts(object_counts),
                                       "scenes": specs})
@@ -643,7 +668,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
         for q, a in pairs:
             fq.write(json.dumps(q) + "\n")
             fa.write(json.dumps(a) + "\n")
-    (out / "README.txt").write_text(_README.format(seed=seed, n=n))
+    (out / "README.txt").write_text(_README.format(seed=seed, n=n, every=MC_DRILL_EVERY))
     eval_counts = {t: sum(q["category"] == t for q, _ in pairs) for t in QUESTION_TYPES}
     yn = [a["answer"] for _, a in pairs if a["category"] == "yesno"]
     return SceneSetInfo(out, seed, n, len(captions), len(instruct), len(pairs), eval_counts,

@@ -69,6 +69,7 @@ from .data import (
     read_scenes_json,
 )
 from .presets import PRESETS, PresetError, build_model, parameter_counts
+from .scenes import MC_DRILL_FILE
 from .tokenizer_train import DEFAULT_VOCAB_SIZE, TokenizerTrainingError, train_tokenizer
 
 STAGES = ("0", "0a", "0b", "1", "2")
@@ -351,6 +352,9 @@ def _json_paths(cfg: TrainConfig, default: Sequence[str]) -> list[Path]:
     if missing:
         raise DataError(f"stage {cfg.stage} needs {', '.join(missing)} (write a scene set with "
                         f"`llava-phi scenes --out {cfg.data}`)")
+    drills = Path(cfg.data) / MC_DRILL_FILE
+    if cfg.stage in ("0", "0a", "2") and drills.is_file():  # text-only, mixed in
+        paths.append(drills)
     return paths
 
 
@@ -367,7 +371,7 @@ def _tokenizer_texts(cfg: TrainConfig) -> list[str]:
         paths = [Path(p) for p in cfg.json_files]
     else:
         assert cfg.data is not None
-        paths = [Path(cfg.data) / n for n in (CAPTIONS_FILE, INSTRUCT_FILE)
+        paths = [Path(cfg.data) / n for n in (CAPTIONS_FILE, INSTRUCT_FILE, MC_DRILL_FILE)
                  if (Path(cfg.data) / n).is_file()]
     if not paths:
         raise DataError(f"no LLaVA JSON in {cfg.data} to train the tokenizer on (looked for "
