@@ -100,7 +100,7 @@ def test_random_scene_deterministic_for_both_rng_kinds():
 
 def test_write_scenes_is_deterministic(tmp_path, scene_set):
     S.write_scenes(tmp_path / "again", N_SET, seed=7, progress=False)
-    for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, "scenes.json",
+    for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, S.MC_FILE, "scenes.json",
                 "eval/questions.jsonl", "eval/answers.jsonl", "images/s7_000000.png",
                 f"images/s7_{N_SET - 1:06d}.png"):
         assert (tmp_path / "again" / rel).read_bytes() == (scene_set / rel).read_bytes(), rel
@@ -420,3 +420,19 @@ def test_mc_drills_state_the_answer_and_have_no_image(scene_set):
         _check_qa(scene, S.QA(question, gpt["value"], "mc", options))  # a true mc question
         letters[gpt["value"]] += 1
     assert len(letters) >= 3  # the right letter moves around
+
+
+def test_mc_focus_set_has_one_true_image_question_per_scene(scene_set):
+    records = json.loads((scene_set / S.MC_FILE).read_text())
+    specs = {s["id"]: s for s in json.loads((scene_set / "scenes.json").read_text())["scenes"]}
+    assert [r["id"] for r in records] == [f"{sid}_mc1" for sid in specs]
+    letters = Counter()
+    for rec in records:
+        assert rec["question_types"] == ["mc"] and rec["image"] == specs[rec["id"][:-4]]["image"]
+        [human, gpt] = rec["conversations"]
+        assert human["value"].startswith("<image>\n")
+        question = human["value"].removeprefix("<image>\n")
+        scene = S.Scene.from_dict(specs[rec["id"][:-4]])
+        _check_qa(scene, S.QA(question, gpt["value"], "mc", _options(question)))
+        letters[gpt["value"]] += 1
+    assert len(letters) >= 3

@@ -532,3 +532,75 @@ def test_mc_drills_join_stages_0a_and_2_as_text_only_samples(tmp_path, scene_dir
     mixed = ConversationDataset(records[:2] + drills, tokenizer, "image", images, 16)
     batch = mixed.batch([0, 1, 2])
     assert batch.pixels.shape[0] == 2 and int(batch.image_mask[2].sum()) == 0
+
+
+def _focus_file(scene_dir: Path, out: Path) -> Path:
+    """One single-turn question per scene (as mc.json holds mc questions)."""
+    records = [{"id": f"f{i}", "image": str(scene_dir / rec["image"]),
+                "conversations": rec["conversations"][:2]}
+               for i, rec in enumerate(json.loads((scene_dir / "instruct.json").read_text()))]
+    out.write_text(json.dumps(records))
+    return out
+
+
+def test_focus_set_is_its_own_micro_batch_with_its_own_token_mean(tmp_path, scene_dir,
+                                                                  micro_dir):
+    focus = _focus_file(scene_dir, tmp_path / "focus.json")
+    cfg = _small(stage="2", init=str(micro_dir), data=str(scene_dir), steps=4, grad_accum=2,
+                 batch_size=3, focus_json=[str(focus)], focus_batch_size=2, focus_weight=0.5,
+                 save_every=2)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "straight" / trainer.LOG_FILE).read_text()
+           .splitlines()]
+    assert all(x["loss"] == pytest.approx(x["lm_loss"] + 0.5 * x["focus_loss"]) for x in log)
+    assert all(x["focus_loss"] > 0 for x in log)
+    record = json.loads((tmp_path / "straight" / trainer.CONFIG_FILE).read_text())
+    assert record["data"]["focus"]["samples"] == len(SCENES)
+    # The focus loss of a step is the mean over the focus micro-batches' own label tokens.
+    setup = trainer._Setup(load_model(micro_dir), load_tokenizer(micro_dir),
+                           ImagePreprocessConfig.for_image_size(56))
+    trainer._build_data(cfg, setup)
+    streams = {"text": trainer.SampleStream(len(setup.text), 0, 0),
+               "focus": trainer.SampleStream(len(setup.focus), 0, 2)}
+    losses = trainer._accumulate_gradients(setup.model, setup, cfg, 1, streams,
+                                           torch.device("cpu"), trainer.nullcontext())
+    batches = [setup.focus.batch(streams["focus"].take(k * 2, 2)) for k in (2, 3)]
+    total = sum(b.num_label_tokens for b in batches)
+    with torch.no_grad():
+        expected = sum(trainer.lm_loss(setup.model, b, total).item() for b in batches)
+    assert losses.focus == pytest.approx(expected, rel=1e-5)
+    # Resuming a run with a focus set reproduces it (the focus stream restarts in place).
+    train(cfg, tmp_path / "resumed", progress=False, halt_after=2)
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.losses == straight.losses[2:]
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Without the focus set the same run trains differently.
+    plain = train(_small(stage="2", init=str(micro_dir), data=str(scene_dir), steps=4,
+                         grad_accum=2, batch_size=3), tmp_path / "plain", progress=False)
+    assert plain.losses != straight.losses
+
+
+def test_focus_set_settings_are_checked_and_drills_are_not_drawn_twice(tmp_path, scene_dir):
+    focus = str(_focus_file(scene_dir, tmp_path / "focus.json"))
+    for kw, match in ((dict(stage="2", focus_json=[focus]), "both"),
+                      (dict(stage="2", focus_batch_size=4), "both"),
+                      (dict(stage="1", focus_json=[focus], focus_batch_size=4), "stage 0a or 2"),
+                      (dict(stage="2", focus_json=[focus], focus_batch_size=4,
+                            focus_weight=0.0), "positive")):
+        with pytest.raises(TrainUsageError, match=match):
+            TrainConfig(data=str(scene_dir), **kw).validate()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("captions.json", "instruct.json"):
+        (data / name).write_text((scene_dir / name).read_text())
+    (data / trainer.MC_DRILL_FILE).write_text("[]")
+    names = [p.name for p in trainer._json_paths(TrainConfig(
+        stage="0a", data=str(data), focus_json=[str(data / trainer.MC_DRILL_FILE)],
+        focus_batch_size=4), ("captions.json",))]
+    assert names == ["captions.json"]  # the drills are the focus set, not mixed in as well
+    cli = trainer.build_parser().parse_args(
+        ["--stage", "0a", "--data", str(data), "--out", "x", "--focus-json", focus,
+         "--focus-json", "b.json", "--focus-batch-size", "8", "--focus-weight", "2"])
+    cfg = trainer.config_from_args(cli)
+    assert (cfg.focus_json, cfg.focus_batch_size, cfg.focus_weight) == ([focus, "b.json"], 8, 2.0)

@@ -92,6 +92,7 @@ CAPTION_PROMPTS: tuple[str, ...] = (
 )
 MC_DRILL_FILE = "mc_text.json"
 MC_DRILL_EVERY = 2  # one text-only mc drill per this many scenes
+MC_FILE = "mc.json"  # one single-turn image mc question per scene (a focus set for training)
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA ScienceQA
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the {shape}?", "What color is the {shape}?",
@@ -555,6 +556,9 @@ mc_text.json        LLaVA JSON, text only: multiple-choice drills that state the
                     ("Context: the answer is red." + an mc question), one per {every} scenes; they
                     teach the tiny LLM to pick an option's letter, which it cannot learn from
                     the image questions alone
+mc.json             LLaVA JSON: one more multiple-choice question per scene, single turn with its
+                    image, for a focus batch (`llava-phi train --focus-json`): an mc answer is
+                    one token of a long conversation, too little of the loss to be learnt
 eval/questions.jsonl  LLaVA eval style: {{"question_id", "image", "text", "category"}}; one
                     question per line, balanced over categories, yes/no half yes
 eval/answers.jsonl  {{"question_id", "answer", "category"}} (+ "options" for mc)
@@ -578,7 +582,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         for name in ("images", "eval"):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
-        for name in ("scenes.json", "captions.json", "instruct.json", MC_DRILL_FILE,
+        for name in ("scenes.json", "captions.json", "instruct.json", MC_DRILL_FILE, MC_FILE,
                      "README.txt"):
             (out / name).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -634,7 +638,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
 
     ids = [f"s{seed}_{i:06d}" for i in range(n)]
     paths = [f"images/{sid}.png" for sid in ids]
-    captions, instruct, specs, drills = [], [], [], []
+    captions, instruct, specs, drills, mcs = [], [], [], [], []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=not progress or n < 100,
                   file=sys.stderr):
         scene = scenes[i]
@@ -656,10 +660,15 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
             if drill is not None:
                 drills.append({"id": f"{ids[i]}_mc", "conversations": _conversation(
                     [(drill.question, drill.answer)], image=False), "question_types": ["mc_drill"]})
+        mc = make_question(scene, "mc", np.random.default_rng([seed, i, 2**32 - 3]))
+        if mc is not None:
+            mcs.append({"id": f"{ids[i]}_mc1", "image": paths[i], "question_types": ["mc"],
+                        "conversations": _conversation([(mc.question, mc.answer)])})
     pairs = _eval_questions(scenes, paths, n_eval, seed)
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / MC_DRILL_FILE, drills)
+    _write_json(out / MC_FILE, mcs)
     _write_json(out / "scenes.json", {"format_version": SCENES_FORMAT_VERSION, "seed": seed,
                                       "n": n, "object_counts": _check_counts(object_counts),
                                       "scenes": specs})

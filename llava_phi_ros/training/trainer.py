@@ -121,6 +121,12 @@ class TrainConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE  # the trained tokenizer's size limit (preset init)
     max_length: int | None = None  # None: the model's max_position_embeddings
     threads: int | None = None  # torch CPU threads; None: torch's default
+    # A focus set (stages 0a, 2): LLaVA JSON drawn as its own micro-batch each step, its loss the
+    # mean over its own tokens, added with focus_weight. A one-token answer in a long
+    # conversation is a sliver of the token-mean loss; this gives such answers their own weight.
+    focus_json: list[str] = field(default_factory=list)
+    focus_batch_size: int = 0
+    focus_weight: float = 1.0
 
     @property
     def learning_rate(self) -> float:
@@ -149,6 +155,13 @@ class TrainConfig:
                                   ">= 0, log_every >= 1 and min_lr_ratio in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise TrainUsageError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if bool(self.focus_json) != (self.focus_batch_size > 0):
+            raise TrainUsageError("a focus set needs both --focus-json and --focus-batch-size")
+        if self.focus_json and self.stage not in ("0a", "2"):
+            raise TrainUsageError(f"a focus set is a stage 0a or 2 setting, not {self.stage}")
+        if self.focus_batch_size < 0 or not (self.focus_weight > 0 and
+                                             math.isfinite(self.focus_weight)):
+            raise TrainUsageError("focus_batch_size must be >= 0 and focus_weight positive")
         if self.tune_vision_tower and self.stage != "2":
             raise TrainUsageError("tune_vision_tower is a stage-2 setting")
         if self.data is None and not self.json_files:
@@ -338,6 +351,7 @@ class _Setup:
     tokenizer: Tokenizer
     preprocess: ImagePreprocessConfig
     text: ConversationDataset | None = None  # LM data (stages 0, 0a, 1, 2)
+    focus: ConversationDataset | None = None  # the focus set (stages 0a, 2)
     vision: PatchLabelDataset | None = None  # pretext data (stages 0, 0b)
     head: PatchPretextHead | None = None
 
@@ -353,8 +367,9 @@ def _json_paths(cfg: TrainConfig, default: Sequence[str]) -> list[Path]:
         raise DataError(f"stage {cfg.stage} needs {', '.join(missing)} (write a scene set with "
                         f"`llava-phi scenes --out {cfg.data}`)")
     drills = Path(cfg.data) / MC_DRILL_FILE
-    if cfg.stage in ("0", "0a", "2") and drills.is_file():  # text-only, mixed in
-        paths.append(drills)
+    focus = {Path(p).resolve() for p in cfg.focus_json}
+    if cfg.stage in ("0", "0a", "2") and drills.is_file() and drills.resolve() not in focus:
+        paths.append(drills)  # text-only, mixed in (unless they are drawn as a focus set)
     return paths
 
 
@@ -413,11 +428,19 @@ def _build_data(cfg: TrainConfig, setup: _Setup) -> None:
         records = _read_records(paths, cfg.image_root)
         setup.text = ConversationDataset(records, tokenizer, "caption", max_length=max_length,
                                          captions=captions)
+        if cfg.focus_json:
+            setup.focus = ConversationDataset(
+                _read_records([Path(p) for p in cfg.focus_json], cfg.image_root), tokenizer,
+                "caption", max_length=max_length, captions=captions)
     elif cfg.stage in ("1", "2"):
         paths = _json_paths(cfg, (CAPTIONS_FILE,) if cfg.stage == "1" else (INSTRUCT_FILE,))
         setup.text = ConversationDataset(_read_records(paths, cfg.image_root), tokenizer,
                                          "image", images, model.config.num_image_tokens,
                                          max_length)
+        if cfg.focus_json:
+            setup.focus = ConversationDataset(
+                _read_records([Path(p) for p in cfg.focus_json], cfg.image_root), tokenizer,
+                "image", images, model.config.num_image_tokens, max_length)
     if cfg.stage in ("0", "0b"):
         assert cfg.data is not None
         scenes = read_scenes_json(Path(cfg.data) / SCENES_FILE, cfg.image_root)
@@ -498,6 +521,8 @@ def _fingerprint(setup: _Setup) -> dict[str, Any]:
     out: dict[str, Any] = {"tokenizer_size": setup.tokenizer.vocab_size}
     if setup.text is not None:
         out |= {"text_samples": len(setup.text), "label_tokens": setup.text.stats.label_tokens}
+    if setup.focus is not None:
+        out |= {"focus_samples": len(setup.focus)}
     if setup.vision is not None:
         out |= {"scenes": len(setup.vision), "colours": setup.vision.colour_names,
                 "shapes": setup.vision.shape_names}
@@ -550,6 +575,7 @@ class _Log:
 
     losses: list[float] = field(default_factory=list)
     lm: list[float] = field(default_factory=list)
+    focus: list[float] = field(default_factory=list)
     pretext: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
     samples: int = 0
@@ -557,8 +583,10 @@ class _Log:
 
     def line(self, step: int, lr: float, elapsed: float) -> dict[str, Any]:
         out: dict[str, Any] = {"step": step, "loss": float(np.mean(self.losses)), "lr": lr}
-        if self.lm and self.pretext:
+        if self.lm and (self.pretext or self.focus):
             out |= {"lm_loss": float(np.mean(self.lm))}
+        if self.focus:
+            out |= {"focus_loss": float(np.mean(self.focus))}
         if self.pretext:
             out |= {"pretext_loss": float(np.mean(self.pretext)),
                     "pretext_accuracy": float(np.mean(self.accuracy))}
@@ -581,18 +609,29 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+@dataclass
+class _StepLosses:
+    """The losses of one optimizer step."""
+
+    lm: float = 0.0  # mean over all unmasked tokens of the step's text micro-batches
+    focus: float = 0.0  # mean over the focus micro-batches' tokens (unweighted)
+    pretext: float = 0.0  # mean over the pretext micro-batches
+    accuracy: float | None = None  # pretext accuracy
+
+    def total(self, cfg: TrainConfig) -> float:
+        """What the step minimised."""
+        return self.lm + cfg.focus_weight * self.focus + self.pretext
+
+
 def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainConfig,
-                          step: int, text_stream: SampleStream | None,
-                          vision_stream: SampleStream | None, device: torch.device,
-                          amp: Any) -> tuple[float, float, float | None]:
-    """Forward and backward every micro-batch of optimizer step `step`: the LM loss (mean over
-    all unmasked tokens of the step's batches), the pretext loss (mean over its micro-batches)
-    and the pretext accuracy."""
+                          step: int, streams: dict[str, SampleStream], device: torch.device,
+                          amp: Any) -> _StepLosses:
+    """Forward and backward every micro-batch of optimizer step `step`."""
     first = step * cfg.batch_size * cfg.grad_accum  # stream position of the step's data
-    lm_value = pretext_value = 0.0
-    accuracy = None
+    out = _StepLosses()
+    text_stream, vision_stream = streams.get("text"), streams.get("vision")
+    train_vision = cfg.stage == "2" and cfg.tune_vision_tower
     if setup.text is not None and text_stream is not None:
-        train_vision = cfg.stage == "2" and cfg.tune_vision_tower
         batches = [setup.text.batch(text_stream.take(first + k * cfg.batch_size,
                                                      cfg.batch_size)).to(device)
                    for k in range(cfg.grad_accum)]
@@ -601,7 +640,19 @@ def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainC
             with amp:
                 loss = lm_loss(model, batch, total, train_vision)
             loss.backward()
-            lm_value += loss.item()
+            out.lm += loss.item()
+    focus_stream = streams.get("focus")
+    if setup.focus is not None and focus_stream is not None:
+        size = cfg.focus_batch_size
+        batches = [setup.focus.batch(focus_stream.take((step * cfg.grad_accum + k) * size,
+                                                       size)).to(device)
+                   for k in range(cfg.grad_accum)]
+        total = sum(b.num_label_tokens for b in batches)
+        for batch in batches:
+            with amp:
+                loss = lm_loss(model, batch, total, train_vision)
+            (cfg.focus_weight * loss).backward()
+            out.focus += loss.item()
     if setup.vision is not None and vision_stream is not None and setup.head is not None:
         accs = []
         for k in range(cfg.grad_accum):
@@ -610,10 +661,10 @@ def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainC
             with amp:
                 loss, acc = pretext_loss(model, setup.head, pbatch)
             (loss / cfg.grad_accum).backward()
-            pretext_value += loss.item() / cfg.grad_accum
+            out.pretext += loss.item() / cfg.grad_accum
             accs.append(acc)
-        accuracy = float(np.mean(accs))
-    return lm_value, pretext_value, accuracy
+        out.accuracy = float(np.mean(accs))
+    return out
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -675,8 +726,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     record = _run_record(cfg, setup, resume)
     _write_json(out / CONFIG_FILE, record)
 
-    text_stream = None if setup.text is None else SampleStream(len(setup.text), cfg.seed, 0)
-    vision_stream = None if setup.vision is None else SampleStream(len(setup.vision), cfg.seed, 1)
+    streams = {name: SampleStream(len(data), cfg.seed, stream_id) for name, data, stream_id in
+               (("text", setup.text, 0), ("vision", setup.vision, 1), ("focus", setup.focus, 2))
+               if data is not None}
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" \
         else nullcontext()
     per_step = cfg.batch_size * cfg.grad_accum
@@ -718,11 +770,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            lm_value, pretext_value, step_accuracy = _accumulate_gradients(
-                model, setup, cfg, step, text_stream, vision_stream, device, amp)
-            if step_accuracy is not None:
-                accuracy = step_accuracy
-            loss_value = lm_value + pretext_value
+            step_losses = _accumulate_gradients(model, setup, cfg, step, streams, device, amp)
+            if step_losses.accuracy is not None:
+                accuracy = step_losses.accuracy
+            loss_value = step_losses.total(cfg)
             if not math.isfinite(loss_value):
                 raise TrainError(f"the loss became {loss_value} at step {step + 1}; lower --lr "
                                  "or raise --clip-norm")
@@ -734,9 +785,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             losses.append(loss_value)
             window.losses.append(loss_value)
             if setup.text is not None:
-                window.lm.append(lm_value)
+                window.lm.append(step_losses.lm)
+            if setup.focus is not None:
+                window.focus.append(step_losses.focus)
             if setup.vision is not None:
-                window.pretext.append(pretext_value)
+                window.pretext.append(step_losses.pretext)
                 window.accuracy.append(accuracy or 0.0)
             window.samples += per_step
             window.seconds += dt
@@ -776,6 +829,8 @@ def _run_record(cfg: TrainConfig, setup: _Setup, resumed: bool) -> dict[str, Any
     stats: dict[str, Any] = {}
     if setup.text is not None:
         stats["text"] = asdict(setup.text.stats) | {"mode": setup.text.mode}
+    if setup.focus is not None:
+        stats["focus"] = asdict(setup.focus.stats) | {"mode": setup.focus.mode}
     if setup.vision is not None:
         stats["vision"] = {"scenes": len(setup.vision), "colours": setup.vision.colour_names,
                            "shapes": setup.vision.shape_names}
@@ -806,6 +861,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="append", default=None, dest="json_files",
                         metavar="FILE", help="LLaVA JSON file to train on instead of the "
                                              "stage's file in --data (repeatable)")
+    parser.add_argument("--focus-json", action="append", default=None, dest="focus_json",
+                        metavar="FILE", help="stages 0a and 2: LLaVA JSON drawn as an extra "
+                        "micro-batch each step, its own token-mean loss added (repeatable; "
+                        "e.g. the scene set's mc.json and mc_text.json)")
+    parser.add_argument("--focus-batch-size", type=int, default=None,
+                        help="samples per focus micro-batch (needed with --focus-json)")
+    parser.add_argument("--focus-weight", type=float, default=None,
+                        help=f"weight of the focus loss (default {d.focus_weight})")
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="directory the JSON's image paths are relative to (default: the "
                              "JSON's directory, then its images/)")
@@ -863,7 +926,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 _ARG_FIELDS = ("stage", "init", "data", "json_files", "image_root", "steps", "batch_size",
                "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip_norm",
                "seed", "device", "dtype", "threads", "tune_vision_tower", "vocab_size",
-               "log_every", "save_every")
+               "log_every", "save_every", "focus_json", "focus_batch_size", "focus_weight")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
