@@ -1,7 +1,8 @@
 """`llava-phi-demo`: the node, a camera streaming generated scenes, and a planner asking questions.
 
 Everything is real ROS 2 over DDS (three nodes in one process, talking through the middleware):
-the planner calls `~/query` and `~/ask` and prints each grounded answer.
+the planner calls `~/query` and `~/ask` and prints each grounded answer next to the truth of
+the frame it was computed from, looked up by the answer's stamp.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import argparse
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import rclpy
-from PIL import Image as PILImage
-from PIL import ImageDraw
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -27,11 +27,23 @@ from std_msgs.msg import Header
 from ..action import Ask
 from ..model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from ..srv import Query
+from ..training.scenes import (
+    PALETTE,
+    Background,
+    Scene,
+    SceneObject,
+    caption,
+    render_scene,
+)
 from .assistant_node import AssistantNode
 from .image_conversion import rgb_to_image_msg
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220),
-           "yellow": (235, 200, 20)}
+DEMO_COLOURS = ("red", "green", "blue", "yellow")
+# (question, choices, the answer's key in DemoScene.answers)
+QUESTIONS = (("What colour is the square?", (), "square"),
+             ("How many objects are there?", (), "count"),
+             ("What colour is the circle?", DEMO_COLOURS, "circle"))
+DESCRIBE_QUESTION = "Describe the image briefly."
 
 
 @dataclass(frozen=True)
@@ -39,38 +51,59 @@ class DemoScene:
     """One generated camera image and what is really in it."""
 
     image: np.ndarray  # (H, W, 3) uint8 RGB
-    description: str
+    description: str  # the caption, as the scene generator words it
+    answers: dict[str, str]  # "square" / "circle": its colour, "count": the number word
 
 
 def demo_scene(index: int, width: int = 640, height: int = 480) -> DemoScene:
-    """A square on the left and a circle on the right, colours chosen by index."""
-    names = list(COLOURS)
-    left, right = names[index % 4], names[(index + 1) % 4]
-    img = PILImage.new("RGB", (width, height), (200, 200, 190))
-    draw = ImageDraw.Draw(img)
-    s = height // 3
-    draw.rectangle([width // 8, height // 3, width // 8 + s, height // 3 + s], fill=COLOURS[left])
-    draw.ellipse([width * 5 // 8, height // 3, width * 5 // 8 + s, height // 3 + s],
-                 fill=COLOURS[right])
-    return DemoScene(np.asarray(img), f"a {left} square on the left and a {right} circle on the "
-                                      "right")
+    """A square in the left third and a circle in the right third, drawn like the training
+    scenes of `llava-phi scenes`; the colours change with index."""
+    left, right = DEMO_COLOURS[index % 4], DEMO_COLOURS[(index + 1) % 4]
+    size, top = height // 3, height // 3
+    x_left, x_right = width // 12, 2 * width // 3 + width // 12
+    objects = (SceneObject("square", left, "large", "left",
+                           (x_left, top, x_left + size, top + size), PALETTE[left]),
+               SceneObject("circle", right, "large", "right",
+                           (x_right, top, x_right + size, top + size), PALETTE[right]))
+    scene = Scene(objects, Background("plain", (205, 205, 205)), width, height)
+    return DemoScene(np.asarray(render_scene(scene)), caption(scene),
+                     {"square": left, "circle": right, "count": "two"})
 
 
 class CameraPublisher(Node):
-    """Publishes demo scenes as rgb8 on `camera/image_raw` at a fixed rate."""
+    """Publishes demo scenes as rgb8 on `camera/image_raw` at a fixed rate, and remembers which
+    scene each recent stamp showed (the ground truth of an answer, by the answer's stamp)."""
 
-    def __init__(self, rate_hz: float = 10.0, scene_period_s: float = 4.0):
+    def __init__(self, rate_hz: float = 10.0, scene_period_s: float = 4.0,
+                 history: int = 600):
         super().__init__("demo_camera")
         self._pub = self.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self._scene_period_s = scene_period_s
         self._start = time.monotonic()
-        self.scene = demo_scene(0)
+        self._scenes: dict[int, DemoScene] = {}  # scene index -> scene (rendered once)
+        self._published: OrderedDict[tuple[int, int], DemoScene] = OrderedDict()
+        self._history = history
+        self._lock = threading.Lock()
         self.create_timer(1.0 / rate_hz, self._tick)
 
     def _tick(self) -> None:
-        self.scene = demo_scene(int((time.monotonic() - self._start) / self._scene_period_s))
+        index = int((time.monotonic() - self._start) / self._scene_period_s)
+        scene = self._scenes.get(index)
+        if scene is None:
+            self._scenes = {index: demo_scene(index)}
+            scene = self._scenes[index]
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id="camera_optical_frame")
-        self._pub.publish(rgb_to_image_msg(self.scene.image, header))
+        with self._lock:
+            self._published[(header.stamp.sec, header.stamp.nanosec)] = scene
+            while len(self._published) > self._history:
+                self._published.popitem(last=False)
+        self._pub.publish(rgb_to_image_msg(scene.image, header))
+
+    def scene_at(self, stamp) -> DemoScene | None:
+        """The scene of the frame published with this stamp (None: not one of ours, or too
+        old)."""
+        with self._lock:
+            return self._published.get((stamp.sec, stamp.nanosec))
 
 
 def _stamp(msg) -> str:
@@ -85,15 +118,11 @@ def run_planner(planner: Node, camera: CameraPublisher, out=sys.stdout) -> int:
         print("demo: the assistant did not come up", file=sys.stderr)
         return 1
     failures = 0
-    questions = [("What colour is the square?", []),
-                 ("Is the circle on the left or on the right?", []),
-                 ("Which colour is the circle?", ["red", "green", "blue", "yellow"])]
-    for question, choices in questions:
-        truth = camera.scene.description
+    for question, choices, key in QUESTIONS:
         response = None
         for _ in range(50):  # the first frames may still be on their way
             response = _wait(query.call_async(Query.Request(question=question,
-                                                            choices=choices)))
+                                                            choices=list(choices))))
             if response is None or response.error_code != Query.Request.NO_IMAGE:
                 break
             time.sleep(0.2)
@@ -108,12 +137,12 @@ def run_planner(planner: Node, camera: CameraPublisher, out=sys.stdout) -> int:
         print(f"Q (service): {question}\n   answer: {a.text!r}{confidence}\n"
               f"   camera={a.camera} frame_id={a.header.frame_id} "
               f"stamp={_stamp(a.header.stamp)} latency={a.total_ms:.0f} ms "
-              f"ttft={a.time_to_first_token_ms:.0f} ms\n   scene (ground truth): {truth}",
-              file=out)
+              f"ttft={a.time_to_first_token_ms:.0f} ms\n"
+              f"   {_verdict(camera.scene_at(a.header.stamp), key, a.text)}", file=out)
 
-    question = "Describe the scene."
+    question = DESCRIBE_QUESTION
     chunks: list[str] = []
-    goal = ask.send_goal_async(Ask.Goal(question=question, max_new_tokens=24),
+    goal = ask.send_goal_async(Ask.Goal(question=question, max_new_tokens=48),
                                feedback_callback=lambda fb: chunks.append(fb.feedback.text))
     handle = _wait(goal)
     if handle is None or not handle.accepted:
@@ -124,8 +153,19 @@ def run_planner(planner: Node, camera: CameraPublisher, out=sys.stdout) -> int:
     print(f"Q (action): {question}\n   streamed {len(chunks)} feedback messages\n"
           f"   answer: {answer.text!r}\n   camera={answer.camera} "
           f"frame_id={answer.header.frame_id} stamp={_stamp(answer.header.stamp)} "
-          f"decode={answer.decode_tokens_per_s:.0f} tokens/s", file=out)
+          f"decode={answer.decode_tokens_per_s:.0f} tokens/s\n"
+          f"   {_verdict(camera.scene_at(answer.header.stamp), 'description', answer.text)}",
+          file=out)
     return failures + (0 if result.result.success else 1)
+
+
+def _verdict(scene: DemoScene | None, key: str, answer: str) -> str:
+    """'ground truth at that stamp: ... -> correct' (or WRONG)."""
+    if scene is None:
+        return "ground truth at that stamp: unknown (not a frame of the demo camera)"
+    truth = scene.description if key == "description" else scene.answers[key]
+    ok = answer.strip().lower().rstrip(".") == truth.lower().rstrip(".")
+    return f"ground truth at that stamp: {truth!r} -> {'correct' if ok else 'WRONG'}"
 
 
 def _wait(future, timeout_s: float = 120.0):
