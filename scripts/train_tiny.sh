@@ -10,7 +10,7 @@
 #   1    the projector on captions (vision tower and LLM frozen), as the paper
 #   2    projector + LLM + vision tower on the instructions, as the paper (+ the mc focus batch)
 # Steps per stage can be overridden: STAGE0A_STEPS, STAGE0B_STEPS, STAGE1_STEPS, STAGE2_STEPS,
-# and the focus batch sizes: FOCUS0A_BATCH, FOCUS2_BATCH;
+# the focus batch sizes FOCUS0A_BATCH, FOCUS2_BATCH and the stage-2 focus weight FOCUS2_WEIGHT;
 # TRAIN_SCENES sets the training set size. Each stage's model is scored on held-out
 # scenes of a new seed (eval_<stage>.json; EVAL_LIMIT questions for the intermediate stages).
 set -euo pipefail
@@ -46,6 +46,7 @@ stage 0a tiny --stage 0a --steps "${STAGE0A_STEPS:-2000}" --lr 1e-3 \
 stage 0b "$WORK/s0a" --stage 0b --steps "${STAGE0B_STEPS:-3000}" --lr 1e-3
 stage 1 "$WORK/s0b" --stage 1 --steps "${STAGE1_STEPS:-300}" --lr 1e-3
 stage 2 "$WORK/s1" --stage 2 --steps "${STAGE2_STEPS:-3000}" --lr 1e-3 --tune-vision-tower \
-    "${MC_FOCUS[@]}" --focus-batch-size "${FOCUS2_BATCH:-16}" --save-every 500
+    "${MC_FOCUS[@]}" --focus-batch-size "${FOCUS2_BATCH:-16}" \
+    --focus-weight "${FOCUS2_WEIGHT:-1}" --save-every 500
 echo "training took ${SECONDS} s (scene generation and skipped stages not counted)"
 score 2
