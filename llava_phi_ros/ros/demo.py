@@ -80,7 +80,7 @@ class CameraPublisher(Node):
         self._pub = self.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self._scene_period_s = scene_period_s
         self._start = time.monotonic()
-        self._scenes: dict[int, DemoScene] = {}  # scene index -> scene (rendered once)
+        self._scene: tuple[int, DemoScene] | None = None  # the current scene and its index
         self._published: OrderedDict[tuple[int, int], DemoScene] = OrderedDict()
         self._history = history
         self._lock = threading.Lock()
@@ -88,10 +88,9 @@ class CameraPublisher(Node):
 
     def _tick(self) -> None:
         index = int((time.monotonic() - self._start) / self._scene_period_s)
-        scene = self._scenes.get(index)
-        if scene is None:
-            self._scenes = {index: demo_scene(index)}
-            scene = self._scenes[index]
+        if self._scene is None or self._scene[0] != index:  # render each scene once
+            self._scene = (index, demo_scene(index))
+        scene = self._scene[1]
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id="camera_optical_frame")
         with self._lock:
             self._published[(header.stamp.sec, header.stamp.nanosec)] = scene

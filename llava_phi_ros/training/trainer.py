@@ -417,6 +417,7 @@ def _build_data(cfg: TrainConfig, setup: _Setup) -> None:
     model, tokenizer = setup.model, setup.tokenizer
     max_length = cfg.max_length or model.config.text.max_position_embeddings
     images = ImageStore(setup.preprocess)
+    captions: dict[Path, str] | None = None  # stage 0/0a: each image's caption stands in for it
     if cfg.stage in ("0", "0a"):
         assert cfg.data is not None
         paths = _json_paths(cfg, (CAPTIONS_FILE, INSTRUCT_FILE))
@@ -428,19 +429,16 @@ def _build_data(cfg: TrainConfig, setup: _Setup) -> None:
         records = _read_records(paths, cfg.image_root)
         setup.text = ConversationDataset(records, tokenizer, "caption", max_length=max_length,
                                          captions=captions)
-        if cfg.focus_json:
-            setup.focus = ConversationDataset(
-                _read_records([Path(p) for p in cfg.focus_json], cfg.image_root), tokenizer,
-                "caption", max_length=max_length, captions=captions)
     elif cfg.stage in ("1", "2"):
         paths = _json_paths(cfg, (CAPTIONS_FILE,) if cfg.stage == "1" else (INSTRUCT_FILE,))
         setup.text = ConversationDataset(_read_records(paths, cfg.image_root), tokenizer,
                                          "image", images, model.config.num_image_tokens,
                                          max_length)
-        if cfg.focus_json:
-            setup.focus = ConversationDataset(
-                _read_records([Path(p) for p in cfg.focus_json], cfg.image_root), tokenizer,
-                "image", images, model.config.num_image_tokens, max_length)
+    if cfg.focus_json:  # validate() allows it in stages 0a and 2 only: the mode of their text
+        assert setup.text is not None
+        setup.focus = ConversationDataset(
+            _read_records([Path(p) for p in cfg.focus_json], cfg.image_root), tokenizer,
+            setup.text.mode, images, model.config.num_image_tokens, max_length, captions)
     if cfg.stage in ("0", "0b"):
         assert cfg.data is not None
         scenes = read_scenes_json(Path(cfg.data) / SCENES_FILE, cfg.image_root)
@@ -623,6 +621,26 @@ class _StepLosses:
         return self.lm + cfg.focus_weight * self.focus + self.pretext
 
 
+def _lm_backward(model: LlavaPhiForCausalLM, data: ConversationDataset, stream: SampleStream,
+                 batch_size: int, step: int, cfg: TrainConfig, weight: float,
+                 device: torch.device, amp: Any) -> float:
+    """Forward and backward the grad_accum micro-batches of `batch_size` samples that step
+    `step` draws from `stream`; return their loss, the mean over all their unmasked tokens
+    (the gradient is that loss times `weight`)."""
+    batches = [data.batch(stream.take((step * cfg.grad_accum + k) * batch_size,
+                                      batch_size)).to(device)
+               for k in range(cfg.grad_accum)]
+    total = sum(b.num_label_tokens for b in batches)
+    train_vision = cfg.stage == "2" and cfg.tune_vision_tower
+    value = 0.0
+    for batch in batches:
+        with amp:
+            loss = lm_loss(model, batch, total, train_vision)
+        (weight * loss).backward()  # x 1.0 is exact: the text loss's gradient is unchanged
+        value += loss.item()
+    return value
+
+
 def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainConfig,
                           step: int, streams: dict[str, SampleStream], device: torch.device,
                           amp: Any) -> _StepLosses:
@@ -630,29 +648,13 @@ def _accumulate_gradients(model: LlavaPhiForCausalLM, setup: _Setup, cfg: TrainC
     first = step * cfg.batch_size * cfg.grad_accum  # stream position of the step's data
     out = _StepLosses()
     text_stream, vision_stream = streams.get("text"), streams.get("vision")
-    train_vision = cfg.stage == "2" and cfg.tune_vision_tower
     if setup.text is not None and text_stream is not None:
-        batches = [setup.text.batch(text_stream.take(first + k * cfg.batch_size,
-                                                     cfg.batch_size)).to(device)
-                   for k in range(cfg.grad_accum)]
-        total = sum(b.num_label_tokens for b in batches)
-        for batch in batches:
-            with amp:
-                loss = lm_loss(model, batch, total, train_vision)
-            loss.backward()
-            out.lm += loss.item()
+        out.lm = _lm_backward(model, setup.text, text_stream, cfg.batch_size, step, cfg, 1.0,
+                              device, amp)
     focus_stream = streams.get("focus")
     if setup.focus is not None and focus_stream is not None:
-        size = cfg.focus_batch_size
-        batches = [setup.focus.batch(focus_stream.take((step * cfg.grad_accum + k) * size,
-                                                       size)).to(device)
-                   for k in range(cfg.grad_accum)]
-        total = sum(b.num_label_tokens for b in batches)
-        for batch in batches:
-            with amp:
-                loss = lm_loss(model, batch, total, train_vision)
-            (cfg.focus_weight * loss).backward()
-            out.focus += loss.item()
+        out.focus = _lm_backward(model, setup.focus, focus_stream, cfg.focus_batch_size, step,
+                                 cfg, cfg.focus_weight, device, amp)
     if setup.vision is not None and vision_stream is not None and setup.head is not None:
         accs = []
         for k in range(cfg.grad_accum):
