@@ -100,7 +100,8 @@ def test_random_scene_deterministic_for_both_rng_kinds():
 
 def test_write_scenes_is_deterministic(tmp_path, scene_set):
     S.write_scenes(tmp_path / "again", N_SET, seed=7, progress=False)
-    for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, S.MC_FILE, "scenes.json",
+    for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, S.MC_FILE, S.SINGLE_FILE,
+                "scenes.json",
                 "eval/questions.jsonl", "eval/answers.jsonl", "images/s7_000000.png",
                 f"images/s7_{N_SET - 1:06d}.png"):
         assert (tmp_path / "again" / rel).read_bytes() == (scene_set / rel).read_bytes(), rel
@@ -436,3 +437,20 @@ def test_mc_focus_set_has_one_true_image_question_per_scene(scene_set):
         _check_qa(scene, S.QA(question, gpt["value"], "mc", _options(question)))
         letters[gpt["value"]] += 1
     assert len(letters) >= 3
+
+
+def test_single_turn_set_asks_every_available_type_alone_with_the_image(scene_set):
+    records = json.loads((scene_set / S.SINGLE_FILE).read_text())
+    specs = {s["id"]: s for s in json.loads((scene_set / "scenes.json").read_text())["scenes"]}
+    expected = [f"{sid}_{t}" for sid, spec in specs.items()
+                for t in S.available_types(S.Scene.from_dict(spec))]
+    assert [r["id"] for r in records] == expected
+    for rec in records:
+        sid, qtype = rec["id"].rsplit("_", 1)
+        assert rec["question_types"] == [qtype] and rec["image"] == specs[sid]["image"]
+        [human, gpt] = rec["conversations"]  # one turn: no earlier answer to copy from
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n")
+        question = human["value"].removeprefix("<image>\n")
+        options = _options(question) if qtype == "mc" else None
+        _check_qa(S.Scene.from_dict(specs[sid]), S.QA(question, gpt["value"], qtype, options))

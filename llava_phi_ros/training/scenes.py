@@ -93,6 +93,7 @@ CAPTION_PROMPTS: tuple[str, ...] = (
 MC_DRILL_FILE = "mc_text.json"
 MC_DRILL_EVERY = 2  # one text-only mc drill per this many scenes
 MC_FILE = "mc.json"  # one single-turn image mc question per scene (a focus set for training)
+SINGLE_FILE = "single.json"  # every question type asked alone with its image, one per record
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA ScienceQA
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the {shape}?", "What color is the {shape}?",
@@ -493,6 +494,17 @@ def _conversation(turns: Sequence[tuple[str, str]], image: bool = True) -> list[
     return conv
 
 
+def single_turn_records(scene: Scene, scene_id: str, image: str, seed: int, index: int
+                        ) -> list[dict[str, Any]]:
+    """LLaVA records of one question of every type the scene allows, each asked alone with the
+    image (scene `index` of `seed`; its own random stream, apart from the conversation's)."""
+    r = _Rng(np.random.default_rng([seed, index, 2**32 - 4]))
+    return [{"id": f"{scene_id}_{qa.question_type}", "image": image,
+             "question_types": [qa.question_type],
+             "conversations": _conversation([(qa.question, qa.answer)])}
+            for qa in questions(scene, r)]
+
+
 def _eval_quota(n_questions: int) -> dict[str, int]:
     k, extra = divmod(n_questions, len(QUESTION_TYPES))
     return {t: k + (i < extra) for i, t in enumerate(QUESTION_TYPES)}
@@ -559,6 +571,10 @@ mc_text.json        LLaVA JSON, text only: multiple-choice drills that state the
 mc.json             LLaVA JSON: one more multiple-choice question per scene, single turn with its
                     image, for a focus batch (`llava-phi train --focus-json`): an mc answer is
                     one token of a long conversation, too little of the loss to be learnt
+single.json         LLaVA JSON: one more question of every type per scene, each asked alone
+                    with its image (a record per question), as the eval asks them: in a
+                    conversation an earlier turn often states the answer of a later one ("Where
+                    is the red circle?" before "What colour is the circle?"), a text shortcut
 eval/questions.jsonl  LLaVA eval style: {{"question_id", "image", "text", "category"}}; one
                     question per line, balanced over categories, yes/no half yes
 eval/answers.jsonl  {{"question_id", "answer", "category"}} (+ "options" for mc)
@@ -583,7 +599,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
         for name in ("scenes.json", "captions.json", "instruct.json", MC_DRILL_FILE, MC_FILE,
-                     "README.txt"):
+                     SINGLE_FILE, "README.txt"):
             (out / name).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(exist_ok=True)
@@ -638,7 +654,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
 
     ids = [f"s{seed}_{i:06d}" for i in range(n)]
     paths = [f"images/{sid}.png" for sid in ids]
-    captions, instruct, specs, drills, mcs = [], [], [], [], []
+    captions, instruct, specs, drills, mcs, singles = [], [], [], [], [], []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=not progress or n < 100,
                   file=sys.stderr):
         scene = scenes[i]
@@ -664,11 +680,13 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
         if mc is not None:
             mcs.append({"id": f"{ids[i]}_mc1", "image": paths[i], "question_types": ["mc"],
                         "conversations": _conversation([(mc.question, mc.answer)])})
+        singles += single_turn_records(scene, ids[i], paths[i], seed, i)
     pairs = _eval_questions(scenes, paths, n_eval, seed)
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / MC_DRILL_FILE, drills)
     _write_json(out / MC_FILE, mcs)
+    _write_json(out / SINGLE_FILE, singles)
     _write_json(out / "scenes.json", {"format_version": SCENES_FORMAT_VERSION, "seed": seed,
                                       "n": n, "object_counts": _check_counts(object_counts),
                                       "scenes": specs})
