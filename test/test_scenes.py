@@ -101,7 +101,7 @@ def test_random_scene_deterministic_for_both_rng_kinds():
 def test_write_scenes_is_deterministic(tmp_path, scene_set):
     S.write_scenes(tmp_path / "again", N_SET, seed=7, progress=False)
     for rel in ("captions.json", "instruct.json", S.MC_DRILL_FILE, S.MC_FILE, S.SINGLE_FILE,
-                "scenes.json",
+                S.COLOURS_FILE, "scenes.json",
                 "eval/questions.jsonl", "eval/answers.jsonl", "images/s7_000000.png",
                 f"images/s7_{N_SET - 1:06d}.png"):
         assert (tmp_path / "again" / rel).read_bytes() == (scene_set / rel).read_bytes(), rel
@@ -454,3 +454,24 @@ def test_single_turn_set_asks_every_available_type_alone_with_the_image(scene_se
         question = human["value"].removeprefix("<image>\n")
         options = _options(question) if qtype == "mc" else None
         _check_qa(S.Scene.from_dict(specs[sid]), S.QA(question, gpt["value"], qtype, options))
+
+
+def test_colour_conversations_ask_each_uniquely_shaped_object_once(scene_set):
+    records = {r["id"]: r for r in json.loads((scene_set / S.COLOURS_FILE).read_text())}
+    specs = json.loads((scene_set / "scenes.json").read_text())["scenes"]
+    for spec in specs:
+        scene = S.Scene.from_dict(spec)
+        unique = S._unique(scene, "shape")
+        rec = records.pop(f"{spec['id']}_colours", None)
+        if len(scene.objects) < 2 or not unique:
+            assert rec is None
+            continue
+        assert rec["image"] == spec["image"]
+        turns = rec["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        asked = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
+        answers = [t["value"] for t in turns[1::2]]
+        for question, answer in zip(asked, answers, strict=True):
+            _check_qa(scene, S.QA(question, answer, "colour"))
+        assert sorted(answers) == sorted(o.colour for o in unique)  # each object once
+    assert not records

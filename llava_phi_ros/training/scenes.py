@@ -94,6 +94,7 @@ MC_DRILL_FILE = "mc_text.json"
 MC_DRILL_EVERY = 2  # one text-only mc drill per this many scenes
 MC_FILE = "mc.json"  # one single-turn image mc question per scene (a focus set for training)
 SINGLE_FILE = "single.json"  # every question type asked alone with its image, one per record
+COLOURS_FILE = "colours.json"  # the colour of every uniquely shaped object, asked in turn
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA ScienceQA
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("What colour is the {shape}?", "What color is the {shape}?",
@@ -505,6 +506,21 @@ def single_turn_records(scene: Scene, scene_id: str, image: str, seed: int, inde
             for qa in questions(scene, r)]
 
 
+def colour_conversation(scene: Scene, scene_id: str, image: str, seed: int, index: int
+                        ) -> list[dict[str, Any]]:
+    """One LLaVA record asking the colour of each uniquely shaped object in a random order (none
+    for a scene of one object, whose colour question needs no binding)."""
+    if len(scene.objects) < 2:
+        return []
+    r = _Rng(np.random.default_rng([seed, index, 2**32 - 5]))
+    objects = r.sample(_unique(scene, "shape"), len(_unique(scene, "shape")))
+    turns = [(r.choice(TEMPLATES["colour"]).format(shape=o.shape), o.colour) for o in objects]
+    if not turns:
+        return []
+    return [{"id": f"{scene_id}_colours", "image": image, "question_types": ["colour"] * len(turns),
+             "conversations": _conversation(turns)}]
+
+
 def _eval_quota(n_questions: int) -> dict[str, int]:
     k, extra = divmod(n_questions, len(QUESTION_TYPES))
     return {t: k + (i < extra) for i, t in enumerate(QUESTION_TYPES)}
@@ -575,6 +591,10 @@ single.json         LLaVA JSON: one more question of every type per scene, each 
                     with its image (a record per question), as the eval asks them: in a
                     conversation an earlier turn often states the answer of a later one ("Where
                     is the red circle?" before "What colour is the circle?"), a text shortcut
+colours.json        LLaVA JSON: for every scene of 2+ objects, one conversation asking the colour
+                    of each uniquely shaped object in turn (no turn states another's answer):
+                    finding an object by its shape and reading its colour is the hardest
+                    binding for the tiny model
 eval/questions.jsonl  LLaVA eval style: {{"question_id", "image", "text", "category"}}; one
                     question per line, balanced over categories, yes/no half yes
 eval/answers.jsonl  {{"question_id", "answer", "category"}} (+ "options" for mc)
@@ -599,7 +619,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
         for name in ("scenes.json", "captions.json", "instruct.json", MC_DRILL_FILE, MC_FILE,
-                     SINGLE_FILE, "README.txt"):
+                     SINGLE_FILE, COLOURS_FILE, "README.txt"):
             (out / name).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(exist_ok=True)
@@ -654,7 +674,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
 
     ids = [f"s{seed}_{i:06d}" for i in range(n)]
     paths = [f"images/{sid}.png" for sid in ids]
-    captions, instruct, specs, drills, mcs, singles = [], [], [], [], [], []
+    captions, instruct, specs, drills, mcs, singles, colours = [], [], [], [], [], [], []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=not progress or n < 100,
                   file=sys.stderr):
         scene = scenes[i]
@@ -681,12 +701,14 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
             mcs.append({"id": f"{ids[i]}_mc1", "image": paths[i], "question_types": ["mc"],
                         "conversations": _conversation([(mc.question, mc.answer)])})
         singles += single_turn_records(scene, ids[i], paths[i], seed, i)
+        colours += colour_conversation(scene, ids[i], paths[i], seed, i)
     pairs = _eval_questions(scenes, paths, n_eval, seed)
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / MC_DRILL_FILE, drills)
     _write_json(out / MC_FILE, mcs)
     _write_json(out / SINGLE_FILE, singles)
+    _write_json(out / COLOURS_FILE, colours)
     _write_json(out / "scenes.json", {"format_version": SCENES_FORMAT_VERSION, "seed": seed,
                                       "n": n, "object_counts": _check_counts(object_counts),
                                       "scenes": specs})
