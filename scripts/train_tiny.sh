@@ -48,10 +48,10 @@ stage 0b "$WORK/s0a" --stage 0b --steps "${STAGE0B_STEPS:-3000}" --lr 1e-3
 stage 1 "$WORK/s0b" --stage 1 --steps "${STAGE1_STEPS:-300}" --lr 1e-3
 stage 2 "$WORK/s1" --stage 2 --steps "${STAGE2_STEPS:-3400}" --lr 1e-3 --tune-vision-tower \
     --save-every 500
-stage 2m "$WORK/s2" --stage 2 --steps "${STAGE2M_STEPS:-800}" --lr 1e-3 --min-lr-ratio 0.1 \
+stage 2m "$WORK/s2" --stage 2 --steps "${STAGE2M_STEPS:-1000}" --lr 1e-3 --min-lr-ratio 0.1 \
     --tune-vision-tower --batch-size 16 --focus-json "$WORK/train/mc_text.json" \
     --focus-batch-size 128 --save-every 250
-stage 2c "$WORK/s2m" --stage 2 --steps "${STAGE2C_STEPS:-1400}" --lr 1e-3 --min-lr-ratio 0.1 \
+stage 2c "$WORK/s2m" --stage 2 --steps "${STAGE2C_STEPS:-1200}" --lr 1e-3 --min-lr-ratio 0.1 \
     --tune-vision-tower --focus-json "$WORK/train/colours.json" \
     --focus-json "$WORK/train/mc.json" --focus-batch-size 24 --save-every 200
 echo "training took ${SECONDS} s (scene generation and skipped stages not counted)"

@@ -248,8 +248,9 @@ def test_ask_stops_on_the_tokenizers_eos_not_the_configs(eos_checkpoint, image_p
 def test_default_model_is_builtin_with_warning(image_path):
     proc = llava_phi("ask", "--image", str(image_path), "--json", "--max-new-tokens", "4", "hi")
     result = last_json(proc)
-    assert "builtin:tiny" in proc.stderr and "meaningless" in proc.stderr
-    assert "builtin:tiny" in result["model_id"]
+    assert "builtin:tiny" in proc.stderr and "toy LLaVA-Phi" in proc.stderr
+    assert "generated scenes" in proc.stderr  # it says what it is trained on and knows
+    assert result["model_id"] == "builtin:tiny (trained on synthetic scenes)/torch/float32"
 
 
 CHAT = ("What is it?", "And the colour?")

@@ -1,8 +1,8 @@
 """The llava_phi node end to end over a real ROS 2 graph (rclpy from the wheels, Fast DDS).
 
-Until the trained tiny model lands, the node runs builtin:tiny (random weights), so answers are
-checked against what the same model answers for the same pixels asked directly: a red/blue swap or
-any conversion error changes the choice log-probabilities and fails these tests.
+Answers are checked against what the same model answers for the same pixels asked directly: a
+red/blue swap or any conversion error changes the choice log-probabilities and fails these tests;
+and the trained builtin:tiny must name the right colour of red and blue scenes in every encoding.
 """
 
 from __future__ import annotations

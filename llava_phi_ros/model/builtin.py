@@ -2,9 +2,9 @@
 
 - `builtin:random-tiny`: a tiny LLaVA-Phi with random weights, built on the fly. Its answers are
   meaningless; it exercises the plumbing (tests, profiling) with answers of any length.
-- `builtin:tiny`: the embedded default. It becomes a model trained here on generated scenes
-  (`scripts/train_tiny.sh`, issue "Staged training") once one reaches the issue's accuracy and
-  ships in llava_phi_ros/models/tiny/; until then it is the random model, and says so.
+- `builtin:tiny`: the embedded default, a toy LLaVA-Phi trained here on generated scenes
+  (`scripts/train_tiny.sh`; llava_phi_ros/models/tiny/ with its MODEL_CARD.md). It answers
+  questions about scenes of flat coloured shapes and knows nothing about real images.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from .tokenizer import Tokenizer, build_byte_tokenizer
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_RANDOM_TINY = "builtin:random-tiny"
 BUILTINS = (BUILTIN_TINY, BUILTIN_RANDOM_TINY)
-# Where the trained builtin:tiny ships; None while it is the random model.
-BUILTIN_TINY_DIR: Path | None = None
+# Where the trained builtin:tiny ships (None would make builtin:tiny the random model).
+BUILTIN_TINY_DIR: Path | None = Path(__file__).resolve().parents[1] / "models" / "tiny"
 BUILTIN_WARNINGS = {
-    BUILTIN_TINY: "builtin:tiny is a tiny toy LLaVA-Phi with RANDOM weights until the model "
-                  "trained here ships: its answers are meaningless; pass --model DIR for real "
-                  "LLaVA-Phi weights",
+    BUILTIN_TINY: "builtin:tiny is a toy LLaVA-Phi (1.9M parameters) trained here on generated "
+                  "scenes of coloured shapes: it answers questions about such scenes and knows "
+                  "nothing about real camera images; pass --model DIR for real LLaVA-Phi "
+                  "weights",
     BUILTIN_RANDOM_TINY: "builtin:random-tiny has RANDOM weights: its answers are meaningless "
                          "(it exists to test the plumbing)",
 }
