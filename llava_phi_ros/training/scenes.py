@@ -500,23 +500,26 @@ def single_turn_records(scene: Scene, scene_id: str, image: str, seed: int, inde
     """LLaVA records of one question of every type the scene allows, each asked alone with the
     image (scene `index` of `seed`; its own random stream, apart from the conversation's)."""
     r = _Rng(np.random.default_rng([seed, index, 2**32 - 4]))
-    return [{"id": f"{scene_id}_{qa.question_type}", "image": image,
-             "question_types": [qa.question_type],
-             "conversations": _conversation([(qa.question, qa.answer)])}
+    return [_single_turn_record(f"{scene_id}_{qa.question_type}", image, qa)
             for qa in questions(scene, r)]
+
+
+def _single_turn_record(record_id: str, image: str, qa: QA) -> dict[str, Any]:
+    """A LLaVA record of one question asked with its image."""
+    return {"id": record_id, "image": image, "question_types": [qa.question_type],
+            "conversations": _conversation([(qa.question, qa.answer)])}
 
 
 def colour_conversation(scene: Scene, scene_id: str, image: str, seed: int, index: int
                         ) -> list[dict[str, Any]]:
     """One LLaVA record asking the colour of each uniquely shaped object in a random order (none
     for a scene of one object, whose colour question needs no binding)."""
-    if len(scene.objects) < 2:
+    unique = _unique(scene, "shape")
+    if len(scene.objects) < 2 or not unique:
         return []
     r = _Rng(np.random.default_rng([seed, index, 2**32 - 5]))
-    objects = r.sample(_unique(scene, "shape"), len(_unique(scene, "shape")))
-    turns = [(r.choice(TEMPLATES["colour"]).format(shape=o.shape), o.colour) for o in objects]
-    if not turns:
-        return []
+    turns = [(r.choice(TEMPLATES["colour"]).format(shape=o.shape), o.colour)
+             for o in r.sample(unique, len(unique))]
     return [{"id": f"{scene_id}_colours", "image": image, "question_types": ["colour"] * len(turns),
              "conversations": _conversation(turns)}]
 
@@ -698,8 +701,7 @@ def write_scenes(out_dir: str | Path, n: int, seed: int, eval_questions: int | N
                     [(drill.question, drill.answer)], image=False), "question_types": ["mc_drill"]})
         mc = make_question(scene, "mc", np.random.default_rng([seed, i, 2**32 - 3]))
         if mc is not None:
-            mcs.append({"id": f"{ids[i]}_mc1", "image": paths[i], "question_types": ["mc"],
-                        "conversations": _conversation([(mc.question, mc.answer)])})
+            mcs.append(_single_turn_record(f"{ids[i]}_mc1", paths[i], mc))
         singles += single_turn_records(scene, ids[i], paths[i], seed, i)
         colours += colour_conversation(scene, ids[i], paths[i], seed, i)
     pairs = _eval_questions(scenes, paths, n_eval, seed)
