@@ -12,18 +12,25 @@ Everything computed from the arguments lives in llava_phi_ros/ros/launch_support
 # `launch` is the ROS package, not this repository's launch/ folder that ruff takes it for.
 import tempfile  # noqa: I001
 
+from ament_index_python.packages import get_package_prefix
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import PathJoinSubstitution
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
 
-from llava_phi_ros.ros.launch_support import LAUNCH_ARGUMENTS, PACKAGE, plan_launch
+from llava_phi_ros.ros.launch_support import (
+    LAUNCH_ARGUMENTS,
+    PACKAGE,
+    check_launch_executables,
+    plan_launch,
+)
 
 
 def _launch_setup(context, *args, **kwargs):
     """Build the actions from the resolved arguments (validated by plan_launch)."""
     plan = plan_launch(context.launch_configurations, FindPackageShare(PACKAGE).perform(context))
+    check_launch_executables(plan, get_package_prefix)  # nothing starts when rviz2 is missing
     actions = [
         LifecycleNode(
             package=plan.package,

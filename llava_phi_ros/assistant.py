@@ -28,20 +28,20 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import re
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
 
+from . import parameters
 from .model.generation import ContextOverflowError, GenerationConfig, expanded_length
-from .model.prompt import IMAGE_TOKEN, STOP_STRING, strip_image_token
+from .model.prompt import IMAGE_TOKEN, STOP_STRING, RequestError, strip_image_token
 from .pipeline import MAX_QUESTION_CHARS, EncodedImage, VisionLanguageModel, clean_choices
 
 log = logging.getLogger(__name__)
@@ -66,91 +66,49 @@ ERROR_CODES = (NO_IMAGE, STALE_IMAGE, STAMP_OUT_OF_RANGE, UNKNOWN_CAMERA, BAD_IM
 LATENCY_WINDOW = 100  # answers kept for the latency statistics
 ENDED_SESSIONS_REMEMBERED = 1024  # expired/evicted session ids that still get UNKNOWN_SESSION
 _MIB = 1024 * 1024
-# A relative ROS name: tokens of letters, digits and '_' separated by '/', none starting with a
-# digit; no leading '/', no empty token.
-_RELATIVE_ROS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 # ----- settings --------------------------------------------------------------------------------
+_D = parameters.DEFAULTS
+
+
 @dataclass
 class AssistantSettings:
-    """Node parameters the core uses (model loading parameters stay in the ROS layer)."""
+    """The node parameters the core uses; defaults, types and ranges come from the schema
+    (llava_phi_ros/parameters.py). Model-loading parameters stay with the node."""
 
-    cameras: list[str] = field(default_factory=lambda: ["camera"])
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    system_prompt: str = ""  # "" = the model's default system prompt
-    max_image_age_s: float = 2.0  # 0 = no limit
-    frame_buffer_s: float = 5.0
-    frame_buffer_max_mb: float = 256.0  # MiB per camera
-    stamp_tolerance_s: float = 0.05
-    query_timeout_s: float = 60.0
-    max_pending_queries: int = 4  # how many may WAIT while one runs
-    session_ttl_s: float = 300.0
-    max_sessions: int = 16
-    max_session_turns: int = 8
-    preencode_latest: bool = False
-    test_only_token_delay_s: float = 0.0  # TEST ONLY: sleep per generated token; 0 = off
+    cameras: list[str] = field(default_factory=lambda: list(_D["cameras"]))
+    max_new_tokens: int = _D["max_new_tokens"]
+    temperature: float = _D["temperature"]
+    top_p: float = _D["top_p"]
+    system_prompt: str = _D["system_prompt"]  # "" = the model's default system prompt
+    max_image_age_s: float = _D["max_image_age_s"]  # 0 = no limit
+    frame_buffer_s: float = _D["frame_buffer_s"]
+    frame_buffer_max_mb: float = _D["frame_buffer_max_mb"]  # MiB per camera
+    stamp_tolerance_s: float = _D["stamp_tolerance_s"]
+    max_future_stamp_s: float = _D["max_future_stamp_s"]
+    query_timeout_s: float = _D["query_timeout_s"]
+    max_pending_queries: int = _D["max_pending_queries"]  # how many may WAIT while one runs
+    session_ttl_s: float = _D["session_ttl_s"]
+    max_sessions: int = _D["max_sessions"]
+    max_session_turns: int = _D["max_session_turns"]
+    preencode_latest: bool = _D["preencode_latest"]
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> AssistantSettings:
+        """The core's settings out of a mapping of (checked) parameter values."""
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
 
     @property
     def model_system_prompt(self) -> str | None:
-        """The value for `VisionLanguageModel.load(system_prompt=...)` (None = its default)."""
+        """The system prompt for the model (None = its default)."""
         return self.system_prompt or None
 
     def validate(self) -> AssistantSettings:
-        """Raise ValueError naming the bad field and why; return self."""
-        cams = self.cameras
-        if isinstance(cams, str) or not isinstance(cams, Sequence):
-            raise ValueError(f"cameras must be a list of names, got {cams!r}")
-        if not cams:
-            raise ValueError("cameras must not be empty")
-        for name in cams:
-            if not isinstance(name, str) or not _RELATIVE_ROS_NAME.fullmatch(name):
-                raise ValueError(
-                    f"cameras: {name!r} is not a valid relative ROS name (letters, digits, '_' "
-                    "and '/'; no leading '/', no token starting with a digit, no empty token)")
-        if len(set(cams)) != len(cams):
-            dupes = sorted({c for c in cams if list(cams).count(c) > 1})
-            raise ValueError(f"cameras must be unique; repeated: {', '.join(dupes)}")
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_float("temperature", self.temperature, 0.0)
-        _check_float("top_p", self.top_p, 0.0, exclusive_low=True)
-        if self.top_p > 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.system_prompt, str):
-            raise ValueError(f"system_prompt must be a string, got {self.system_prompt!r}")
-        _check_float("max_image_age_s", self.max_image_age_s, 0.0)
-        _check_float("frame_buffer_s", self.frame_buffer_s, 0.0, exclusive_low=True)
-        _check_float("frame_buffer_max_mb", self.frame_buffer_max_mb, 0.0, exclusive_low=True)
-        _check_float("stamp_tolerance_s", self.stamp_tolerance_s, 0.0)
-        _check_float("query_timeout_s", self.query_timeout_s, 0.0, exclusive_low=True)
-        _check_int("max_pending_queries", self.max_pending_queries, 0)
-        _check_float("session_ttl_s", self.session_ttl_s, 0.0, exclusive_low=True)
-        _check_int("max_sessions", self.max_sessions, 1)
-        _check_int("max_session_turns", self.max_session_turns, 1)
-        if not isinstance(self.preencode_latest, bool):
-            raise ValueError(f"preencode_latest must be a bool, got {self.preencode_latest!r}")
-        _check_float("test_only_token_delay_s", self.test_only_token_delay_s, 0.0)
+        """Check (and coerce) every field against the schema; ParameterError naming it."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, parameters.check(name, getattr(self, name)))
         return self
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    """An int (not a bool) >= low, else ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_float(name: str, value: Any, low: float, exclusive_low: bool = False) -> None:
-    """A finite number >= low (> low when exclusive), else ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    if value < low or (exclusive_low and value == low):
-        raise ValueError(f"{name} must be {'>' if exclusive_low else '>='} {low:g}, got {value}")
 
 
 # ----- frames ----------------------------------------------------------------------------------
@@ -202,12 +160,23 @@ class FrameBuffer:
     """
 
     def __init__(self, duration_s: float, max_mb: float):
-        self._duration_ns = int(duration_s * 1e9)
-        self._max_bytes = int(max_mb * _MIB)
         self._lock = threading.Lock()
         self._frames: list[Frame] = []  # ascending stamp_ns
         self._bytes = 0
         self._arrivals: deque[int] = deque(maxlen=10000)  # received_ns within the window
+        self.refused_future = 0  # frames refused for a stamp ahead of the node clock
+        self.set_bounds(duration_s, max_mb)
+
+    def set_bounds(self, duration_s: float, max_mb: float) -> None:
+        """New bounds (live parameters); they apply from the next frame on."""
+        with self._lock:
+            self._duration_ns = int(duration_s * 1e9)
+            self._max_bytes = int(max_mb * _MIB)
+
+    def note_refused_future(self) -> None:
+        """Count a frame refused because its stamp lay too far ahead of the node clock."""
+        with self._lock:
+            self.refused_future += 1
 
     def add(self, frame: Frame) -> None:
         """Insert a frame and trim the buffer to its bounds."""
@@ -347,6 +316,10 @@ class QueryOutcome:
     answer: AnswerRecord | None = None
 
 
+class FrameRefused(ValueError):
+    """A camera frame `AssistantCore.add_frame` does not buffer (the message says why)."""
+
+
 class QueryRefused(Exception):
     """A request refused at once by `AssistantCore.submit`."""
 
@@ -357,6 +330,7 @@ class QueryRefused(Exception):
 
 
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
+_STOPPED = (CANCELLED, TIMEOUT, NOT_READY)  # codes of answers stopped, not failed
 
 
 @dataclass(eq=False)
@@ -393,7 +367,6 @@ class Job:
         self._cancel_requested = False
         self._abort: tuple[str, str] | None = None  # (code, message) when the core stops it
         self._stop_reason: tuple[str, str] | None = None
-        self._wake = threading.Event()  # set on cancel/abort: ends the test-only delay early
 
     @property
     def session_id(self) -> str:
@@ -445,6 +418,8 @@ class AssistantCore:
         self._lock = threading.Condition()
         self._submit_lock = threading.Lock()  # serialises submit(): session table consistency
         self._model: VisionLanguageModel | None = None
+        self._loading_since: float | None = None  # steady clock, while start_loading() runs
+        self._load_token: object | None = None  # identifies the current background load
         self._active = False
         self._queue: deque[Job] = deque()
         self._running: Job | None = None
@@ -466,34 +441,89 @@ class AssistantCore:
     def load_model(self, loader: Callable[[], VisionLanguageModel]) -> None:
         """Load a model (on the calling thread; exceptions propagate) and start the worker."""
         with self._lock:
-            if self._model is not None:
-                raise RuntimeError("a model is already loaded; call unload_model() first")
+            if self._model is not None or self._loading_since is not None:
+                raise RuntimeError("a model is already loaded or loading; unload it first")
         model = loader()
         with self._lock:
-            self._model = model
-            self._worker_stop = threading.Event()
-            self._worker = threading.Thread(target=self._worker_loop,
-                                            args=(model, self._worker_stop),
-                                            name="llava_phi_worker", daemon=True)
-            self._worker.start()
+            self._install_locked(model)
 
-    def unload_model(self) -> None:
-        """Stop the worker (waiting/running jobs resolve NOT_READY), free the model and caches.
+    def start_loading(self, loader: Callable[[], VisionLanguageModel],
+                      on_done: Callable[[BaseException | None], None] | None = None) -> None:
+        """Load on a background thread; meanwhile queries get NOT_READY ("loading").
 
-        Sessions end too (their ids then get UNKNOWN_SESSION): their history came from it.
+        on_done(None) or on_done(the exception) runs on that thread once the load ends, unless
+        unload_model() abandoned it first (a model that arrives after that is dropped).
         """
-        self._abort_jobs("the model was unloaded", stop_worker=True)
+        token = object()
+        with self._lock:
+            if self._model is not None or self._loading_since is not None:
+                raise RuntimeError("a model is already loaded or loading; unload it first")
+            self._loading_since, self._load_token = self._monotonic(), token
+
+        def run() -> None:
+            model, error = None, None
+            try:
+                model = loader()
+            except Exception as exc:  # noqa: BLE001 - any load failure goes to on_done
+                error = exc
+            with self._lock:
+                current = self._load_token is token
+                if current:
+                    self._loading_since = self._load_token = None
+                    if model is not None:
+                        self._install_locked(model)
+            if current and on_done is not None:
+                on_done(error)
+
+        threading.Thread(target=run, name="llava_phi_loader", daemon=True).start()
+
+    def _install_locked(self, model: VisionLanguageModel) -> None:
+        """Adopt a loaded model and start its worker (caller holds _lock)."""
+        self._model = model
+        self._worker_stop = threading.Event()
+        self._worker = threading.Thread(target=self._worker_loop, args=(model, self._worker_stop),
+                                        name="llava_phi_worker", daemon=True)
+        self._worker.start()
+        self._lock.notify_all()
+
+    def unload_model(self, join_timeout_s: float | None = None) -> None:
+        """Stop the worker (waiting/running jobs resolve NOT_READY), free the model and caches;
+        abandon a load in progress. Sessions end too (their history came from the model)."""
+        self._abort_jobs("the model was unloaded", stop_worker=True, join_timeout_s=join_timeout_s)
         with self._lock:
             self._model = None
+            self._loading_since = self._load_token = None
             for sid in list(self._sessions):
                 self._end_session(sid, "the model was unloaded")
         self._clear_cache()
 
-    def shutdown(self) -> None:
-        """Deactivate and unload: waiting and running jobs resolve NOT_READY; joins the worker."""
+    def shutdown(self, why: str = "the node is shutting down",
+                 join_timeout_s: float | None = None) -> None:
+        """Stop serving: waiting and running jobs resolve NOT_READY (`why`); unloads the model.
+
+        join_timeout_s bounds the wait for the worker to leave its current step (None: wait).
+        """
         with self._lock:
             self._active = False
-        self.unload_model()
+        self._abort_jobs(why, stop_worker=False)
+        self.unload_model(join_timeout_s)
+
+    def update_settings(self, settings: AssistantSettings) -> None:
+        """Apply new live settings at once; the cameras cannot change here (they need a reload).
+
+        A lower max_pending_queries refuses new requests; those already waiting stay.
+        """
+        settings.validate()
+        if settings.cameras != self.settings.cameras:
+            raise parameters.ParameterError("cameras need a reload: clean up, set, configure")
+        for buffer in self._buffers.values():
+            buffer.set_bounds(settings.frame_buffer_s, settings.frame_buffer_max_mb)
+        with self._lock:
+            self.settings = settings
+            while len(self._sessions) > settings.max_sessions:
+                self._end_session(next(iter(self._sessions)), f"evicted: more than max_sessions "
+                                                              f"= {settings.max_sessions} sessions")
+            self._lock.notify_all()  # preencode_latest may have been switched on
 
     def set_active(self, active: bool) -> None:
         """Accept queries or not; deactivating resolves waiting and running jobs NOT_READY."""
@@ -507,6 +537,11 @@ class AssistantCore:
     def model_loaded(self) -> bool:
         """Whether a model is loaded."""
         return self._model is not None
+
+    @property
+    def loading(self) -> bool:
+        """Whether start_loading() is still loading a model."""
+        return self._loading_since is not None
 
     @property
     def active(self) -> bool:
@@ -526,14 +561,26 @@ class AssistantCore:
 
     # ----- frames ------------------------------------------------------------------------------
     def add_frame(self, frame: Frame) -> None:
-        """Buffer a camera frame; never waits for inference. ValueError for unknown cameras."""
+        """Buffer a camera frame; never waits for inference.
+
+        FrameRefused for an unknown camera, an unusable image, or a stamp further ahead of the
+        node clock than max_future_stamp_s (such a frame would be "latest" until real time caught
+        up with it). A node clock at zero has not started (sim time before /clock): no check.
+        """
         buffer = self._buffers.get(frame.camera)
         if buffer is None:
-            raise ValueError(f"camera {frame.camera!r} is not configured "
-                             f"(cameras: {', '.join(self.settings.cameras)})")
+            raise FrameRefused(f"camera {frame.camera!r} is not configured "
+                               f"(cameras: {', '.join(self.settings.cameras)})")
         problem = image_problem(frame.image)
         if problem is not None:
-            raise ValueError(f"camera {frame.camera!r}: {problem}")
+            raise FrameRefused(f"camera {frame.camera!r}: {problem}")
+        now_ns = self._now_ns()
+        ahead_s = (frame.stamp_ns - now_ns) / 1e9
+        limit_s = self.settings.max_future_stamp_s
+        if now_ns > 0 and ahead_s > limit_s:
+            buffer.note_refused_future()
+            raise FrameRefused(f"camera {frame.camera!r}: frame stamped {ahead_s:.3f} s ahead of "
+                               f"the node clock (max_future_stamp_s is {limit_s:g}); dropped")
         buffer.add(frame)
         if self.settings.preencode_latest:
             with self._lock:  # short: only wakes an idle worker
@@ -561,13 +608,23 @@ class AssistantCore:
         on_text(text_so_far, tokens_generated) is called on the worker thread after each token.
         """
         with self._submit_lock:
-            return self._submit(request, on_text)
+            try:
+                return self._submit(request, on_text)
+            except QueryRefused:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a request must end in a code, never a crash
+                log.exception("checking a request failed")
+                self._refuse(MODEL_ERROR, f"checking the request failed: "
+                                          f"{type(exc).__name__}: {exc}")
 
     def _submit(self, request: QueryRequest,
                 on_text: Callable[[str, int], None] | None) -> Job:
         """submit() under the submit lock: the checks in the documented order, then enqueue."""
         with self._lock:
-            model, active = self._model, self._active
+            model, active, loading_since = self._model, self._active, self._loading_since
+        if model is None and loading_since is not None:
+            self._refuse(NOT_READY, f"the model is still loading "
+                                    f"({self._monotonic() - loading_since:.1f} s so far)")
         if model is None:
             self._refuse(NOT_READY, "no model is loaded")
         if not active:
@@ -577,8 +634,8 @@ class AssistantCore:
         frame = session.frame if session is not None else self._select_frame(request)
         history = self._history(session) if session is not None else []
         try:
-            ids = model.prompt_ids(request.question, history)
-        except ValueError as exc:
+            ids = model.prompt_ids(request.question, history, self.settings.model_system_prompt)
+        except RequestError as exc:
             self._refuse(BAD_REQUEST, str(exc))
         n_positions = expanded_length(ids, model.backend.config.num_image_tokens)
         if n_positions >= model.backend.max_context:
@@ -644,7 +701,7 @@ class AssistantCore:
                 self._refuse(BAD_REQUEST, f"choice {i} is a {type(choice).__name__}, not a string")
         try:
             clean_choices(choices)  # the pipeline's own rules: none empty, no special tokens
-        except ValueError as exc:
+        except RequestError as exc:
             self._refuse(BAD_REQUEST, str(exc))
         context = model.backend.max_context
         max_new = request.max_new_tokens
@@ -769,7 +826,6 @@ class AssistantCore:
                 return False
             if job._state == _RUNNING:
                 job._cancel_requested = True
-                job._wake.set()
                 return True
             self._queue.remove(job)
             outcome = self._finish_locked(job, CANCELLED, "cancelled while waiting",
@@ -778,7 +834,8 @@ class AssistantCore:
         job._resolve(outcome)
         return True
 
-    def _abort_jobs(self, why: str, stop_worker: bool) -> None:
+    def _abort_jobs(self, why: str, stop_worker: bool,
+                    join_timeout_s: float | None = None) -> None:
         """Resolve waiting jobs NOT_READY, stop the running one; optionally stop the worker."""
         with self._lock:
             waiting = list(self._queue)
@@ -786,9 +843,8 @@ class AssistantCore:
             outcomes = [self._finish_locked(job, NOT_READY, why, self._empty_answer(job))
                         for job in waiting]
             running = self._running
-            if running is not None:
+            if running is not None and running._abort is None:  # the first reason stands
                 running._abort = (NOT_READY, why)
-                running._wake.set()
             worker = None
             if stop_worker:
                 self._worker_stop.set()
@@ -797,7 +853,10 @@ class AssistantCore:
         for job, outcome in zip(waiting, outcomes, strict=True):
             job._resolve(outcome)
         if worker is not None and worker is not threading.current_thread():
-            worker.join()
+            worker.join(join_timeout_s)
+            if worker.is_alive():
+                log.warning("the worker did not leave its step within %.1f s; not waiting",
+                            join_timeout_s)
 
     def _timeout_message(self) -> str:
         """The TIMEOUT message."""
@@ -870,7 +929,6 @@ class AssistantCore:
                 self._store(job.frame, encoded)
         request = job.request
         history = self._history(job._session) if job._session is not None else []
-        delay = self.settings.test_only_token_delay_s
 
         def on_text(text: str, n_tokens: int) -> None:
             if job._on_text is not None:
@@ -878,8 +936,6 @@ class AssistantCore:
                     job._on_text(text, n_tokens)
                 except Exception:  # noqa: BLE001 - a feedback failure must not end the answer
                     log.exception("on_text callback failed for request %s", job.request_id)
-            if delay > 0:  # TEST ONLY: hold the worker per token; cancel/abort wake it early
-                job._wake.wait(max(0.0, min(delay, job.deadline - self._monotonic())))
 
         def should_cancel() -> bool:
             if job._abort is not None:
@@ -894,10 +950,11 @@ class AssistantCore:
             result = model.ask(encoded, request.question, history,
                                generation=job.generation,
                                choices=tuple(request.choices), on_text=on_text,
-                               should_cancel=should_cancel)
+                               should_cancel=should_cancel,
+                               system_prompt=self.settings.model_system_prompt)
         except ContextOverflowError as exc:
             return CONTEXT_OVERFLOW, str(exc), None
-        except ValueError as exc:  # the pipeline's input checks
+        except RequestError as exc:  # the pipeline's input checks; anything else is MODEL_ERROR
             return BAD_REQUEST, str(exc), None
         end = self._monotonic()
         ttft = result.time_to_first_token_ms
@@ -943,7 +1000,8 @@ class AssistantCore:
             job._session.in_flight -= 1
         if code:
             self._error_counts[code] += 1
-            answer.finish_reason = "cancelled"  # not a finished answer (partial or empty text)
+            # Not a finished answer: stopped (by the client, a timeout or the node) or failed.
+            answer.finish_reason = "cancelled" if code in _STOPPED else "error"
         else:
             self._answers += 1
             self._latency.append((answer.total_ms, answer.queue_ms, answer.decode_tokens_per_s))
@@ -1026,17 +1084,30 @@ class AssistantCore:
     def stats(self) -> dict[str, Any]:
         """A snapshot for /diagnostics: model, queue, cameras, latency, sessions, cache, errors."""
         now_ns = self._now_ns()
+        settings = self.settings
         cameras = {}
         for name, buffer in self._buffers.items():
             latest = buffer.latest()
             last_rx = buffer.last_received_ns
-            window_ns = self.settings.frame_buffer_s * 1e9
-            silent = last_rx is None or now_ns - last_rx > window_ns
+            silent_s = None if last_rx is None else (now_ns - last_rx) / 1e9
+            silent = silent_s is None or silent_s > settings.frame_buffer_s
+            age_s = None if latest is None else (now_ns - latest.stamp_ns) / 1e9
+            if latest is None:
+                problem = "no frames yet"
+            elif settings.max_image_age_s > 0 and age_s > settings.max_image_age_s:
+                problem = (f"stale: the newest frame is {age_s:.1f} s old (max_image_age_s "
+                           f"{settings.max_image_age_s:g}); queries get STALE_IMAGE")
+            elif silent:
+                problem = f"silent: nothing received for {silent_s:.1f} s"
+            else:
+                problem = ""
             cameras[name] = {
                 "frames": len(buffer),
                 "rate_hz": 0.0 if silent else buffer.rate_hz,
-                "age_s": None if latest is None else (now_ns - latest.stamp_ns) / 1e9,
+                "age_s": age_s,
                 "buffer_mb": buffer.nbytes / _MIB,
+                "refused_future": buffer.refused_future,
+                "problem": problem,  # '' = receiving fresh frames
             }
         with self._cache_lock:
             cache_entries = len(self._cache)
@@ -1046,6 +1117,7 @@ class AssistantCore:
             samples = list(self._latency)
             out: dict[str, Any] = {
                 "model_loaded": model is not None,
+                "loading": self._loading_since is not None,
                 "active": self._active,
                 "model_id": model.description if model is not None else "",
                 "builtin_toy": bool(model is not None and model.is_builtin_toy),

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from .model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from .model.generation import GenerationConfig
-from .pipeline import BACKENDS
+from .backends import BACKENDS, DTYPE_NAMES
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -33,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference backend (default: torch)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="weights dtype (auto: float32 on CPU, float16 on GPU)")
     p.add_argument("--system-prompt", default=None, help="replace the default system prompt")
 

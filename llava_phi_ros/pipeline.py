@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .backends import BACKENDS
 from .backends.base import Backend, BackendError
 from .model.builtin import (
     BUILTIN_RANDOM_TINY,
@@ -35,12 +36,12 @@ from .model.prompt import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     STOP_STRING,
+    RequestError,
     build_prompt,
     tokenize_prompt,
 )
 from .model.tokenizer import Tokenizer, load_tokenizer
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MAX_QUESTION_CHARS = 4000
 
 
@@ -132,7 +133,7 @@ class VisionLanguageModel:
         if backend not in BACKENDS:
             raise ModelLoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if backend != "torch":
-            raise ModelLoadError(f"backend {backend!r} is not implemented yet; use --backend torch")
+            raise ModelLoadError(f"backend {backend!r} is not implemented yet (implemented: torch)")
         try:
             torch_device = check_device(device)
             torch_dtype = resolve_dtype(dtype, torch_device.type)
@@ -167,31 +168,37 @@ class VisionLanguageModel:
         self.backend.synchronize()
         return EncodedImage(features, _ms(start))
 
-    def prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
-        """The phi-2_v0 prompt for this question; ValueError for an unusable question."""
+    def prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
+               system_prompt: str | None = None) -> str:
+        """The phi-2_v0 prompt for this question; RequestError for an unusable question."""
         question = question.strip()
         if not question:
-            raise ValueError("the question is empty")
+            raise RequestError("the question is empty")
         if len(question) > MAX_QUESTION_CHARS:
-            raise ValueError(f"the question has {len(question)} characters; the limit is "
-                             f"{MAX_QUESTION_CHARS}")
+            raise RequestError(f"the question has {len(question)} characters; the limit is "
+                               f"{MAX_QUESTION_CHARS}")
         if STOP_STRING in question:
-            raise ValueError(f"the question contains the stop token {STOP_STRING!r}")
-        return build_prompt(question, history, self.system_prompt)
+            raise RequestError(f"the question contains the stop token {STOP_STRING!r}")
+        return build_prompt(question, history, system_prompt or self.system_prompt)
 
-    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-        """Token ids (with one IMAGE_TOKEN_INDEX) of the phi-2_v0 prompt for this question."""
-        return tokenize_prompt(self.prompt(question, history), self.tokenizer, num_images=1)
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
+                   system_prompt: str | None = None) -> list[int]:
+        """Token ids (with one IMAGE_TOKEN_INDEX) of the phi-2_v0 prompt for this question
+        (system_prompt None = the model's)."""
+        return tokenize_prompt(self.prompt(question, history, system_prompt), self.tokenizer,
+                               num_images=1)
 
     def ask(self, image: Image.Image | np.ndarray | EncodedImage, question: str,
             history: Sequence[tuple[str, str]] = (),
             generation: GenerationConfig | None = None, choices: Sequence[str] = (),
             on_text: Callable[[str, int], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None) -> AskResult:
-        """Answer a question about one image (free text, or the best of `choices`)."""
+            should_cancel: Callable[[], bool] | None = None,
+            system_prompt: str | None = None) -> AskResult:
+        """Answer a question about one image (free text, or the best of `choices`);
+        system_prompt None = the model's."""
         start = time.perf_counter()
         generation = (generation or GenerationConfig()).validate()
-        prompt = self.prompt(question, history)
+        prompt = self.prompt(question, history, system_prompt)
         ids = tokenize_prompt(prompt, self.tokenizer, num_images=1)
         choices = clean_choices(choices)
         n_image = self.backend.config.num_image_tokens
@@ -214,13 +221,16 @@ class VisionLanguageModel:
                            vision_ms=vision_ms, prefill_ms=prefill_ms)
         valid = len(ids)  # generation writes only after the prompt
         if choices:
-            scores = self._score(prompt, ids, choices)
+            scores = self._score(prompt, ids, choices, should_cancel)
             valid = scores.intact_prompt_ids  # scoring may rewind into the prompt
-            result.text = choices[scores.index]
             result.choices = list(choices)
-            result.choice_logprobs, result.choice_probs = scores.logprobs, scores.probs
-            result.choice_index = scores.index
-            result.time_to_first_token_ms = _ms(start)
+            if scores.cancelled:
+                result.finish_reason = "cancelled"
+            else:
+                result.text = choices[scores.index]
+                result.choice_logprobs, result.choice_probs = scores.logprobs, scores.probs
+                result.choice_index = scores.index
+                result.time_to_first_token_ms = _ms(start)
         else:
             gen = generate(self.backend, logits, prompt_len, self.tokenizer.eos_token_id,
                            self.tokenizer.decode, generation, on_text, should_cancel)
@@ -246,22 +256,24 @@ class VisionLanguageModel:
             keep += 1
         return keep
 
-    def _score(self, prompt: str, prompt_ids: list[int], choices: list[str]) -> ChoiceScores:
+    def _score(self, prompt: str, prompt_ids: list[int], choices: list[str],
+               should_cancel: Callable[[], bool] | None) -> ChoiceScores:
         """Each choice as the assistant's whole answer: ' ' + choice + stop token after the
         prompt, tokenised together with it (as training text renders an answer)."""
         full = [tokenize_prompt(f"{prompt} {choice}{STOP_STRING}", self.tokenizer, num_images=1)
                 for choice in choices]
-        return score_choices(self.backend, prompt_ids, full, self.backend.config.num_image_tokens)
+        return score_choices(self.backend, prompt_ids, full, self.backend.config.num_image_tokens,
+                             should_cancel)
 
 
 def clean_choices(choices: Sequence[str]) -> list[str]:
-    """Choices stripped of surrounding space; ValueError for an empty one or the stop token."""
+    """Choices stripped of surrounding space; RequestError for an empty one or a special token."""
     cleaned = [c.strip() for c in choices]
     for choice in cleaned:
         if not choice:
-            raise ValueError("a choice is empty")
+            raise RequestError("a choice is empty")
         if STOP_STRING in choice or IMAGE_TOKEN in choice:
-            raise ValueError(f"the choice {choice!r} contains a special token")
+            raise RequestError(f"the choice {choice!r} contains a special token")
     return cleaned
 
 

@@ -1,8 +1,8 @@
 """The ROS-free service core (llava_phi_ros/assistant.py) with the real builtin:random-tiny model.
 
 Real threads, a fake node clock and a shiftable steady clock. Timing-dependent cases (BUSY,
-TIMEOUT, CANCELLED) hold the worker with the test-only per-token delay and synchronise on
-events set from the streaming callback, never on sleeps.
+TIMEOUT, CANCELLED) hold the worker with a slow model double (test/doubles.py) and synchronise
+on events set from the streaming callback, never on sleeps.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from llava_phi_ros.assistant import (
 from llava_phi_ros.model.generation import GenerationConfig
 from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
 from llava_phi_ros.pipeline import MAX_QUESTION_CHARS, VisionLanguageModel
+
+from .doubles import SlowModel
 
 WAIT = 30.0  # generous bound on every wait: a hang fails, a slow machine does not
 T0_NS = 1_700_000_000 * 10**9  # node-clock origin of the tests
@@ -148,8 +150,10 @@ class Harness:
 def make(model: VisionLanguageModel) -> Iterator[Callable[..., Harness]]:
     cores: list[AssistantCore] = []
 
-    def _make(load: bool = True, active: bool = True, **overrides: Any) -> Harness:
-        clock, steady, spy = NodeClock(), SteadyClock(), SpyModel(model)
+    def _make(load: bool = True, active: bool = True, token_delay_s: float = 0.0,
+              **overrides: Any) -> Harness:
+        inner = SlowModel(model, token_delay_s) if token_delay_s else model
+        clock, steady, spy = NodeClock(), SteadyClock(), SpyModel(inner)
         core = AssistantCore(AssistantSettings(**overrides), clock, steady)
         cores.append(core)
         if load:
@@ -172,38 +176,39 @@ def test_error_codes_equal_their_names() -> None:
 def test_default_settings_are_valid() -> None:
     s = AssistantSettings().validate()
     assert s.cameras == ["camera"] and s.max_pending_queries == 4
-    assert s.test_only_token_delay_s == 0.0 and s.model_system_prompt is None
+    assert s.model_system_prompt is None and not hasattr(s, "test_only_token_delay_s")
     assert AssistantSettings(system_prompt="Be brief.").model_system_prompt == "Be brief."
     AssistantSettings(cameras=["front/rgb", "_rear"], max_image_age_s=0, max_pending_queries=0,
                       stamp_tolerance_s=0).validate()
 
 
 @pytest.mark.parametrize("field, value, fragment", [
-    ("cameras", [], "must not be empty"),
-    ("cameras", "camera", "list"),
+    ("cameras", [], "non-empty"),
+    ("cameras", "camera", "expected a string array"),
     ("cameras", ["/abs"], "relative ROS name"),
     ("cameras", ["2cam"], "relative ROS name"),
     ("cameras", ["front/2d"], "relative ROS name"),
     ("cameras", ["a b"], "relative ROS name"),
     ("cameras", ["front/"], "relative ROS name"),
     ("cameras", ["a", "b", "a"], "unique"),
-    ("max_new_tokens", 0, ">= 1"),
+    ("max_new_tokens", 0, "[1, 8192]"),
+    ("max_new_tokens", 2**63 - 1, "[1, 8192]"),
     ("max_new_tokens", 2.5, "integer"),
-    ("temperature", -0.1, ">= 0"),
+    ("temperature", -0.1, "[0, 100]"),
     ("temperature", float("nan"), "finite"),
-    ("top_p", 0.0, "> 0"),
+    ("top_p", 0.0, "(0, 1]"),
     ("top_p", 1.5, "(0, 1]"),
-    ("max_image_age_s", -1.0, ">= 0"),
-    ("frame_buffer_s", 0.0, "> 0"),
-    ("frame_buffer_max_mb", -5.0, "> 0"),
-    ("stamp_tolerance_s", -0.01, ">= 0"),
-    ("query_timeout_s", 0, "> 0"),
-    ("max_pending_queries", -1, ">= 0"),
+    ("max_image_age_s", -1.0, "[0, 86400]"),
+    ("frame_buffer_s", 0.0, "(0, 3600]"),
+    ("frame_buffer_max_mb", -5.0, "(0, 65536]"),
+    ("stamp_tolerance_s", -0.01, "[0, 60]"),
+    ("max_future_stamp_s", -1.0, "[0, 3600]"),
+    ("query_timeout_s", 0, "(0, 86400]"),
+    ("max_pending_queries", -1, "[0, 4096]"),
     ("session_ttl_s", float("inf"), "finite"),
-    ("max_sessions", 0, ">= 1"),
-    ("max_session_turns", 0, ">= 1"),
+    ("max_sessions", 0, "[1, 10000]"),
+    ("max_session_turns", 0, "[1, 1000]"),
     ("preencode_latest", "yes", "bool"),
-    ("test_only_token_delay_s", -1.0, ">= 0"),
     ("system_prompt", None, "string"),
 ])
 def test_settings_validation_names_field_and_reason(field: str, value: Any,
@@ -414,7 +419,9 @@ def test_defaults_fill_unset_generation_fields(make: Callable[..., Harness]) -> 
     out = h.ask(temperature=-1.0, top_p=-1.0)  # the node's defaults: greedy, 5 tokens
     assert out.success and out.answer.tokens_generated == 5
     assert out.answer.finish_reason == "length"
-    assert h.ask(max_new_tokens=3, temperature=0.7, top_p=0.9).answer.tokens_generated == 3
+    assert h.ask(max_new_tokens=3).answer.tokens_generated == 3  # greedy: the request's limit
+    sampled = h.ask(max_new_tokens=3, temperature=0.7, top_p=0.9).answer  # may stop earlier
+    assert sampled.tokens_generated <= 3 and sampled.finish_reason in ("length", "stop")
 
 
 def test_context_overflow_long_question(make: Callable[..., Harness]) -> None:
@@ -439,7 +446,7 @@ def test_context_overflow_from_session_history(make: Callable[..., Harness]) -> 
 
 
 def test_busy_only_when_the_queue_is_full(make: Callable[..., Harness]) -> None:
-    h = make(max_pending_queries=2, test_only_token_delay_s=0.05)
+    h = make(max_pending_queries=2, token_delay_s=0.05)
     h.add()
     running, _, _ = h.hold_worker()
     assert h.core.stats()["running"]
@@ -459,7 +466,7 @@ def test_busy_only_when_the_queue_is_full(make: Callable[..., Harness]) -> None:
 
 
 def test_zero_pending_allows_exactly_one_job(make: Callable[..., Harness]) -> None:
-    h = make(max_pending_queries=0, test_only_token_delay_s=0.05)
+    h = make(max_pending_queries=0, token_delay_s=0.05)
     h.add()
     running, _, _ = h.hold_worker()
     assert h.refused(QueryRequest("Second?")).code == A.BUSY
@@ -469,7 +476,7 @@ def test_zero_pending_allows_exactly_one_job(make: Callable[..., Harness]) -> No
 
 
 def test_timeout_while_generating_and_while_waiting(make: Callable[..., Harness]) -> None:
-    h = make(query_timeout_s=5.0, test_only_token_delay_s=0.05)
+    h = make(query_timeout_s=5.0, token_delay_s=0.05)
     h.add()
     running, _, counts = h.hold_worker()
     waiting = h.core.submit(QueryRequest("Waiting?", max_new_tokens=2))
@@ -488,7 +495,7 @@ def test_timeout_while_generating_and_while_waiting(make: Callable[..., Harness]
 
 def test_cancel_waiting_and_running_jobs(make: Callable[..., Harness]) -> None:
     delay = 0.05
-    h = make(test_only_token_delay_s=delay)
+    h = make(token_delay_s=delay)
     h.add()
     running, _, counts = h.hold_worker()
     waiting = h.core.submit(QueryRequest("Later?"))
@@ -517,6 +524,7 @@ def test_model_error_is_an_answer_not_an_exception(make: Callable[..., Harness])
     out = h.ask("Please explode now.")
     assert out.error_code == A.MODEL_ERROR and "simulated backend failure" in out.message
     assert out.answer is not None and out.answer.stamp_ns == T0_NS
+    assert out.answer.finish_reason == "error"
     assert h.core.stats()["errors"][A.MODEL_ERROR] == 1
     h.serves()
 
@@ -559,7 +567,7 @@ def test_answer_is_grounded_on_the_selected_frame(make: Callable[..., Harness]) 
 
 
 def test_frame_is_fixed_at_acceptance(make: Callable[..., Harness]) -> None:
-    h = make(test_only_token_delay_s=0.05)
+    h = make(token_delay_s=0.05)
     old = h.add(seed=1)
     running, _, _ = h.hold_worker()
     waiting = h.core.submit(QueryRequest("Which frame?", max_new_tokens=2))
@@ -584,7 +592,7 @@ def test_on_text_streams_cumulative_text(make: Callable[..., Harness]) -> None:
 
 
 def test_add_frame_never_waits_for_inference(make: Callable[..., Harness]) -> None:
-    h = make(test_only_token_delay_s=0.05, preencode_latest=True, frame_buffer_max_mb=8.0)
+    h = make(token_delay_s=0.05, preencode_latest=True, frame_buffer_max_mb=8.0)
     h.add()
     running, _, _ = h.hold_worker()
     big = np.zeros((480, 640, 3), np.uint8)
@@ -684,7 +692,7 @@ def test_session_carries_history_on_its_first_frame(make: Callable[..., Harness]
 
 
 def test_unfinished_turns_are_not_remembered(make: Callable[..., Harness]) -> None:
-    h = make(test_only_token_delay_s=0.05)
+    h = make(token_delay_s=0.05)
     h.add()
     job, _, _ = h.hold_worker(session_id="s")
     job.cancel()
@@ -792,16 +800,18 @@ def test_stats_shape_and_content(make: Callable[..., Harness]) -> None:
         assert h.ask(stamp_ns=0, max_new_tokens=2, session_id="s").success
     h.refused(QueryRequest("Hi?", camera="nope"))
     s = h.core.stats()
-    assert set(s) == {"model_loaded", "active", "model_id", "builtin_toy", "queue_depth",
-                      "running", "cameras", "latency", "sessions", "cache_entries", "answers",
-                      "errors"}
-    assert s["model_loaded"] and s["active"] and s["builtin_toy"]
+    assert set(s) == {"model_loaded", "loading", "active", "model_id", "builtin_toy",
+                      "queue_depth", "running", "cameras", "latency", "sessions", "cache_entries",
+                      "answers", "errors"}
+    assert s["model_loaded"] and s["active"] and s["builtin_toy"] and not s["loading"]
     assert "builtin:random-tiny" in s["model_id"]
     assert s["queue_depth"] == 0 and s["running"] is False
     cam = s["cameras"]["camera"]
     assert cam["frames"] == 5 and cam["rate_hz"] == pytest.approx(10.0)
     assert cam["age_s"] == pytest.approx(0.5) and cam["buffer_mb"] > 0
-    assert s["cameras"]["left"] == {"frames": 0, "rate_hz": 0.0, "age_s": None, "buffer_mb": 0.0}
+    assert cam["problem"] == "" and cam["refused_future"] == 0
+    assert s["cameras"]["left"] == {"frames": 0, "rate_hz": 0.0, "age_s": None, "buffer_mb": 0.0,
+                                    "refused_future": 0, "problem": "no frames yet"}
     lat = s["latency"]
     assert lat["count"] == 3 and s["answers"] == 3
     assert 0 < lat["total_ms_p50"] <= lat["total_ms_p95"] <= lat["total_ms_max"]
@@ -810,12 +820,13 @@ def test_stats_shape_and_content(make: Callable[..., Harness]) -> None:
     assert s["sessions"] == 1 and s["cache_entries"] == 1
     assert set(s["errors"]) == set(A.ERROR_CODES) and s["errors"][A.UNKNOWN_CAMERA] == 1
     assert sum(s["errors"].values()) == 1
-    h.clock.advance(10.0)  # a silent camera reports no rate
-    assert h.core.stats()["cameras"]["camera"]["rate_hz"] == 0.0
+    h.clock.advance(10.0)  # a silent camera reports no rate, and why queries fail
+    cam = h.core.stats()["cameras"]["camera"]
+    assert cam["rate_hz"] == 0.0 and cam["problem"].startswith("stale: the newest frame is 10.5")
 
 
 def test_shutdown_resolves_every_job_and_joins_the_worker(make: Callable[..., Harness]) -> None:
-    h = make(test_only_token_delay_s=0.05)
+    h = make(token_delay_s=0.05)
     h.add()
     running, _, _ = h.hold_worker()
     waiting = [h.core.submit(QueryRequest(f"Q{i}?")) for i in range(3)]
@@ -825,8 +836,8 @@ def test_shutdown_resolves_every_job_and_joins_the_worker(make: Callable[..., Ha
     for job in [running, *waiting]:
         assert job.done()
         out = job.result(0)
-        assert out.error_code == A.NOT_READY and "unloaded" in out.message
-        assert out.answer.finish_reason == "cancelled"
+        assert out.error_code == A.NOT_READY and "shutting down" in out.message
+        assert out.answer.finish_reason == "cancelled"  # stopped, not failed
     assert running.result().answer.tokens_generated >= 1  # the partial answer
     assert h.refused(QueryRequest("Hi?")).code == A.NOT_READY
     h.core.shutdown()  # idempotent
@@ -834,7 +845,7 @@ def test_shutdown_resolves_every_job_and_joins_the_worker(make: Callable[..., Ha
 
 def test_unload_and_reload_and_deactivate(make: Callable[..., Harness],
                                           model: VisionLanguageModel) -> None:
-    h = make(test_only_token_delay_s=0.05)
+    h = make(token_delay_s=0.05)
     h.add()
     assert h.ask(session_id="s", max_new_tokens=2).success
     running, _, _ = h.hold_worker()
@@ -868,3 +879,171 @@ def test_done_callbacks_bridge_the_future(make: Callable[..., Harness]) -> None:
     late: list[str] = []
     job.add_done_callback(lambda j: late.append(j.request_id))  # already done: runs now
     assert late == [job.request_id]
+
+
+# ----- error codes: the caller's fault or the model's ------------------------------------------
+def test_a_value_error_inside_the_model_is_model_error_not_bad_request(
+        make: Callable[..., Harness]) -> None:
+    h = make()
+    h.add()
+
+    def broken_ask(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("checkpoint tensor shape mismatch")  # a ValueError, not the caller's
+
+    h.spy.ask = broken_ask  # type: ignore[method-assign]
+    out = h.ask()
+    assert out.error_code == A.MODEL_ERROR and "shape mismatch" in out.message
+    assert out.answer.finish_reason == "error"
+
+
+def test_an_unexpected_failure_while_checking_is_refused_not_raised(
+        make: Callable[..., Harness]) -> None:
+    h = make()
+    h.add()
+
+    def broken_prompt_ids(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tokenizer crashed")
+
+    h.spy.prompt_ids = broken_prompt_ids  # type: ignore[attr-defined]
+    err = h.refused(QueryRequest("Hi?"))
+    assert err.code == A.MODEL_ERROR and "tokenizer crashed" in err.message
+
+
+def test_sampling_leaves_the_global_rng_alone(make: Callable[..., Harness]) -> None:
+    import torch
+
+    h = make()
+    h.add()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert h.ask(temperature=1.0, max_new_tokens=4).success
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----- live settings ---------------------------------------------------------------------------
+def test_live_settings_apply_to_the_next_request(make: Callable[..., Harness]) -> None:
+    h = make(max_new_tokens=6, max_sessions=3)
+    h.add()
+    assert h.ask().answer.tokens_generated == 6
+    for sid in ("a", "b", "c"):
+        assert h.ask(session_id=sid, max_new_tokens=1).success
+    settings = AssistantSettings(max_new_tokens=2, max_sessions=1, max_pending_queries=0,
+                                 frame_buffer_s=1.0)
+    h.core.update_settings(settings)
+    assert h.core.settings.max_new_tokens == 2
+    assert h.ask().answer.tokens_generated == 2
+    assert h.core.stats()["sessions"] == 1  # the two least recently used were evicted
+    assert h.refused(QueryRequest("Hi?", session_id="a")).code == A.UNKNOWN_SESSION
+    for _ in range(3):  # a shorter frame buffer applies from the next frame on
+        h.clock.advance(1.0)
+        h.add()
+    assert len(h.core.frame_buffer("camera")) == 2
+    with pytest.raises(ValueError, match="cameras need a reload"):
+        h.core.update_settings(AssistantSettings(cameras=["other"]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        h.core.update_settings(AssistantSettings(max_new_tokens=0))
+    assert h.core.settings.max_new_tokens == 2  # a refused update changes nothing
+
+
+# ----- frames stamped in the future ------------------------------------------------------------
+def test_a_frame_stamped_in_the_future_is_refused_and_counted(
+        make: Callable[..., Harness]) -> None:
+    h = make(max_future_stamp_s=0.5)
+    current = h.add(seed=1)
+    future = frame(h.clock.t_ns + 10**6 * 10**9, seed=2)  # +1e6 s
+    with pytest.raises(A.FrameRefused, match="ahead of the node clock"):
+        h.core.add_frame(future)
+    skewed = frame(h.clock.t_ns + 3 * 10**9, seed=3)  # +3 s of clock skew
+    with pytest.raises(A.FrameRefused, match="max_future_stamp_s is 0.5"):
+        h.core.add_frame(skewed)
+    h.core.add_frame(frame(h.clock.t_ns + 4 * 10**8, seed=4))  # +0.4 s: within the tolerance
+    out = h.ask(stamp_ns=current.stamp_ns)  # the current frame is still found by its stamp
+    assert out.success and out.answer.stamp_ns == current.stamp_ns
+    assert h.core.stats()["cameras"]["camera"]["refused_future"] == 2
+    assert h.ask().answer.stamp_ns == h.clock.t_ns + 4 * 10**8
+
+
+def test_a_clock_that_has_not_started_refuses_no_frame(make: Callable[..., Harness]) -> None:
+    h = make()
+    h.clock.t_ns = 0  # sim time before the first /clock message
+    h.core.add_frame(frame(5 * 10**9))
+    assert len(h.core.frame_buffer("camera")) == 1
+
+
+# ----- loading in the background ---------------------------------------------------------------
+def test_background_load_refuses_not_ready_until_loaded(model: VisionLanguageModel) -> None:
+    release, ended = threading.Event(), []
+    core = AssistantCore(AssistantSettings(), NodeClock(), SteadyClock())
+    core.set_active(True)
+
+    def loader() -> VisionLanguageModel:
+        assert release.wait(WAIT)
+        return model
+
+    try:
+        core.start_loading(loader, ended.append)
+        core.add_frame(frame(T0_NS))
+        with pytest.raises(QueryRefused) as info:
+            core.submit(QueryRequest("Hi?"))
+        assert info.value.code == A.NOT_READY and "still loading" in info.value.message
+        assert core.loading and core.stats()["loading"]
+        release.set()
+        wait_until(lambda: ended)
+        assert ended == [None] and core.model_loaded and not core.loading
+        assert core.submit(QueryRequest("Hi?", max_new_tokens=2)).result(WAIT).success
+    finally:
+        core.shutdown()
+
+
+def test_background_load_failure_reaches_on_done() -> None:
+    ended: list[BaseException | None] = []
+    core = AssistantCore(AssistantSettings(), NodeClock(), SteadyClock())
+
+    def loader() -> VisionLanguageModel:
+        raise FileNotFoundError("config.json is missing")
+
+    core.start_loading(loader, ended.append)
+    wait_until(lambda: ended)
+    assert isinstance(ended[0], FileNotFoundError) and not core.loading
+    assert not core.model_loaded
+    core.shutdown()
+
+
+def test_unloading_abandons_a_load_in_progress(model: VisionLanguageModel) -> None:
+    release, ended = threading.Event(), []
+    core = AssistantCore(AssistantSettings(), NodeClock(), SteadyClock())
+    finished = threading.Event()
+
+    def loader() -> VisionLanguageModel:
+        assert release.wait(WAIT)
+        finished.set()
+        return model
+
+    core.start_loading(loader, ended.append)
+    core.unload_model()
+    assert not core.loading
+    release.set()
+    assert finished.wait(WAIT)
+    time.sleep(0.05)  # the loader thread finishes its bookkeeping after the loader returns
+    assert not core.model_loaded and ended == []
+    core.shutdown()
+
+
+# ----- stopping long work ----------------------------------------------------------------------
+def test_shutdown_stops_a_long_choice_query_between_choices(make: Callable[..., Harness]) -> None:
+    h = make(token_delay_s=0.05)  # 0.05 s per choice: 1000 choices would take 50 s
+    h.add()
+    job = h.core.submit(QueryRequest("Which one?", choices=[f"option {i}" for i in range(1000)]))
+    wait_until(lambda: h.core.stats()["running"])
+    start = time.monotonic()
+    h.core.shutdown()
+    out = job.result(WAIT)
+    assert out.error_code == A.NOT_READY and time.monotonic() - start < 2.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = WAIT) -> None:
+    """Poll until predicate() is truthy (a hang fails after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

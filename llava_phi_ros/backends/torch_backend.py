@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 from ..model.llava_phi import LlavaPhiForCausalLM
+from . import DTYPE_NAMES
 from .base import Backend, BackendError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+assert set(DTYPES) == set(DTYPE_NAMES) - {"auto"}, "backends.DTYPE_NAMES is the one list"
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:

@@ -26,8 +26,8 @@ BUILTIN_TINY_DIR: Path | None = Path(__file__).resolve().parents[1] / "models" /
 BUILTIN_WARNINGS = {
     BUILTIN_TINY: "builtin:tiny is a toy LLaVA-Phi (1.9M parameters) trained here on generated "
                   "scenes of coloured shapes: it answers questions about such scenes and knows "
-                  "nothing about real camera images; pass --model DIR for real LLaVA-Phi "
-                  "weights",
+                  "nothing about real camera images; give a LLaVA-Phi checkpoint directory "
+                  "(model_path, or --model) for real use",
     BUILTIN_RANDOM_TINY: "builtin:random-tiny has RANDOM weights: its answers are meaningless "
                          "(it exists to test the plumbing)",
 }

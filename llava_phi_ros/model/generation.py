@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .prompt import IMAGE_TOKEN_INDEX
+from .prompt import IMAGE_TOKEN_INDEX, RequestError
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(RequestError):
     """The prompt (plus at least one new token) does not fit the model's context."""
 
 
@@ -48,13 +48,14 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
 
     def validate(self) -> GenerationConfig:
-        """Raise ValueError naming the bad setting; return self."""
+        """Raise RequestError naming the bad setting; return self."""
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise RequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise RequestError(f"temperature must be a finite number >= 0, got "
+                               f"{self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
 
 
@@ -133,8 +134,12 @@ def generate(model: StepModel, first_logits: torch.Tensor, start_pos: int, eos_t
     """
     cfg.validate()
     generator = None
-    if cfg.temperature > 0 and cfg.seed is not None:
-        generator = torch.Generator(device=first_logits.device).manual_seed(cfg.seed)
+    if cfg.temperature > 0:  # its own generator: never the process-global RNG other threads share
+        generator = torch.Generator(device=first_logits.device)
+        if cfg.seed is not None:
+            generator.manual_seed(cfg.seed)
+        else:
+            generator.seed()  # a fresh non-deterministic seed
     budget = min(cfg.max_new_tokens, model.max_context - start_pos)
     if budget < 1:
         raise ContextOverflowError(f"the prompt fills {start_pos} of {model.max_context} "
@@ -184,6 +189,7 @@ class ChoiceScores:
     probs: list[float] = field(default_factory=list)  # normalised over the choices
     index: int = -1  # best choice
     intact_prompt_ids: int = 0  # leading prompt ids whose KV cache scoring left untouched
+    cancelled: bool = False  # should_cancel() said stop before every choice was scored
 
     def __post_init__(self) -> None:
         if self.logprobs:
@@ -193,9 +199,11 @@ class ChoiceScores:
 
 
 def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
-                  num_image_tokens: int) -> ChoiceScores:
+                  num_image_tokens: int,
+                  should_cancel: Callable[[], bool] | None = None) -> ChoiceScores:
     """Score each choice's ids (the prompt's ids + the answer's + the stop token, tokenised
-    together) after a prefill of prompt_ids already in the KV cache.
+    together) after a prefill of prompt_ids already in the KV cache. should_cancel() is checked
+    before each choice; when it says stop, no scores come back (cancelled=True).
 
     Tokenising together can re-split the prompt's last tokens; each choice then starts from the
     first id where all choices and the prompt agree, and the cache is rewound to that point.
@@ -210,13 +218,15 @@ def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Seque
         shared = common
     last_image = max((i for i, t in enumerate(prompt_ids) if t == IMAGE_TOKEN_INDEX), default=-1)
     if shared - 1 <= last_image:
-        raise ValueError("choices must follow the prompt's text; they cannot re-split the image")
+        raise RequestError("choices must follow the prompt's text; they cannot re-split the image")
     start = shared - 1  # feed the last shared id again to get the logits that predict the next
     pos = expanded_length(prompt_ids[:start], num_image_tokens)
     scores = []
     for full in choice_ids:
+        if should_cancel is not None and should_cancel():
+            return ChoiceScores([], intact_prompt_ids=start, cancelled=True)
         if len(full) <= shared:
-            raise ValueError("a choice must add at least one token after the prompt")
+            raise RequestError("a choice must add at least one token after the prompt")
         if pos + len(full) - start > model.max_context:
             raise ContextOverflowError(f"a choice needs {pos + len(full) - start} positions; the "
                                        f"context has {model.max_context}")

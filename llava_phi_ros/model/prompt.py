@@ -23,7 +23,14 @@ ROLES = ("USER", "ASSISTANT")
 SEPS = (" ", STOP_STRING)  # after user turns, after assistant turns
 
 
-class PromptError(ValueError):
+class RequestError(ValueError):
+    """Input the caller got wrong (question, choices, generation settings): theirs to fix.
+
+    The service core answers these BAD_REQUEST (CONTEXT_OVERFLOW for ContextOverflowError); any
+    other exception on the model path is the model's fault (MODEL_ERROR)."""
+
+
+class PromptError(RequestError):
     """A question, answer or prompt that the template cannot render."""
 
 

@@ -1,17 +1,32 @@
 """The `llava_phi` lifecycle node: cameras in, grounded answers out.
 
-A thin ROS layer over the ROS-free `AssistantCore`: it converts messages, declares and validates
-parameters, and bridges the core's worker-thread futures to async service/action callbacks, so a
-waiting query never holds an executor thread and image intake never waits for inference.
+A thin ROS layer over the ROS-free `AssistantCore`: it converts messages, declares parameters
+from the schema (llava_phi_ros/parameters.py), and bridges the core's worker-thread futures to
+async service/action callbacks, so a waiting query never holds an executor thread, image intake
+never waits for inference, and loading a model never blocks the executor.
+
+Every request ends in an answer or an error code: the request queues are sized by
+`request_queue_depth` (DDS would otherwise overwrite requests beyond 10), the excess is refused
+BUSY at once, and on SIGINT/SIGTERM every waiting and running request is answered before exit.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import JumpThreshold
@@ -25,13 +40,16 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 
 from .. import assistant as core
+from .. import parameters
 from ..action import Ask
-from ..model.builtin import BUILTIN_WARNINGS
+from ..model.builtin import BUILTIN_WARNINGS, BUILTINS
 from ..msg import Answer
+from ..parameters import LIVE, RELOAD, STARTUP
 from ..srv import Query
 from .debug_overlay import draw_answer
 from .image_conversion import (
@@ -40,62 +58,37 @@ from .image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
-from .launch_support import BACKENDS, DTYPES, NODE_NAME
-from .launch_support import IMAGE_TRANSPORTS as TRANSPORTS
+from .launch_support import NODE_NAME
 
-# name: (default, description). Types follow the defaults; doubles are always floats.
-PARAMETERS: dict[str, tuple[Any, str]] = {
-    "model_path": ("", "Checkpoint directory, or builtin:tiny for the embedded toy model "
-                       "(builtin:random-tiny: random weights, for plumbing tests). "
-                       "Required: an empty or unreadable path fails configure."),
-    "backend": ("torch", "Inference backend: torch | onnxruntime | tensorrt."),
-    "device": ("cpu", "torch device, e.g. cpu or cuda:0."),
-    "dtype": ("auto", "Weights dtype: auto (fp32 on CPU, fp16 on GPU) | float32 | float16 | "
-                      "bfloat16."),
-    "engine_dir": ("", "Directory of TensorRT engines (backend tensorrt)."),
-    "max_new_tokens": (64, "Default answer length limit in tokens."),
-    "temperature": (0.0, "Default sampling temperature; 0 = greedy."),
-    "top_p": (1.0, "Default nucleus sampling mass, in (0, 1]."),
-    "system_prompt": ("", "System prompt; empty = the model's default."),
-    "cameras": (["camera"], "Camera names; each NAME subscribes to NAME/image_raw "
-                            "(or NAME/image_raw/compressed). Relative names."),
-    "image_transport": ("raw", "raw (sensor_msgs/Image) or compressed (CompressedImage)."),
-    "qos_reliable": (False, "Subscribe to cameras with reliable QoS instead of sensor-data QoS."),
-    "max_image_age_s": (2.0, "Refuse the latest frame when older than this (node clock); 0 = "
-                             "no limit."),
-    "frame_buffer_s": (5.0, "Seconds of frames kept per camera, for stamp lookups."),
-    "frame_buffer_max_mb": (256.0, "Memory bound of each camera's frame buffer, in MB."),
-    "stamp_tolerance_s": (0.05, "A requested stamp matches a buffered frame within this."),
-    "query_timeout_s": (60.0, "From acceptance to answer, steady clock; then TIMEOUT."),
-    "max_pending_queries": (4, "Queries that may wait while one runs; beyond that BUSY."),
-    "session_ttl_s": (300.0, "Idle conversations expire after this many seconds."),
-    "max_sessions": (16, "Conversations kept at most (least recently used evicted)."),
-    "preencode_latest": (False, "Encode each camera's newest frame in the background."),
-    "autostart": (True, "Configure and activate at start."),
-    "test_only_token_delay_s": (0.0, "TEST ONLY: sleep this long after every generated token, "
-                                     "so tests can make BUSY/TIMEOUT/CANCELLED deterministic."),
-}
-SETTINGS_FIELDS = ("cameras", "max_new_tokens", "temperature", "top_p", "system_prompt",
-                   "max_image_age_s", "frame_buffer_s", "frame_buffer_max_mb",
-                   "stamp_tolerance_s", "query_timeout_s", "max_pending_queries",
-                   "session_ttl_s", "max_sessions", "preencode_latest",
-                   "test_only_token_delay_s")
+ModelLoader = Callable[[dict[str, Any]], Any]  # parameter values -> a VisionLanguageModel
+SHUTDOWN_GRACE_S = 3.0  # how long shutdown keeps spinning to deliver the last responses
+WORKER_JOIN_S = 1.0  # how long shutdown waits for the worker to leave its current step
 
 
-def settings_from_values(values: dict[str, Any]) -> core.AssistantSettings:
-    """AssistantSettings from parameter values; ValueError naming what is wrong."""
-    kwargs = {name: values[name] for name in SETTINGS_FIELDS}
-    kwargs["cameras"] = list(kwargs["cameras"])
-    settings = core.AssistantSettings(**kwargs)
-    settings.validate()
-    if values["backend"] not in BACKENDS:
-        raise ValueError(f"backend {values['backend']!r} is not one of {', '.join(BACKENDS)}")
-    if values["dtype"] not in DTYPES:
-        raise ValueError(f"dtype {values['dtype']!r} is not one of {', '.join(DTYPES)}")
-    if values["image_transport"] not in TRANSPORTS:
-        raise ValueError(f"image_transport {values['image_transport']!r} is not one of "
-                         f"{', '.join(TRANSPORTS)}")
-    return settings
+def load_model_from_values(values: dict[str, Any]) -> Any:
+    """The product's model loader: the model the parameters name."""
+    from ..pipeline import VisionLanguageModel
+
+    return VisionLanguageModel.load(values["model_path"], backend=values["backend"],
+                                    device=values["device"], dtype=values["dtype"])
+
+
+def descriptor(spec: parameters.Param) -> ParameterDescriptor:
+    """The ParameterDescriptor of a schema entry: description, range, choices, when it applies."""
+    desc = ParameterDescriptor(description=spec.description, read_only=spec.applies == STARTUP)
+    constraints = [parameters.APPLIES_TEXT[spec.applies]]
+    if spec.choices:
+        constraints.insert(0, f"one of: {spec.bounds}")
+    elif spec.low is not None:
+        constraints.insert(0, f"in {spec.bounds}")
+        if spec.type_name == "integer":
+            desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high),
+                                               step=1)]
+        else:
+            desc.floating_point_range = [FloatingPointRange(
+                from_value=float(spec.low), to_value=float(spec.high), step=0.0)]
+    desc.additional_constraints = "; ".join(constraints)
+    return desc
 
 
 def stamp_to_ns(stamp: Any) -> int:
@@ -104,16 +97,21 @@ def stamp_to_ns(stamp: Any) -> int:
 
 
 class AssistantNode(LifecycleNode):
-    """Lifecycle node `llava_phi`: `~/query`, `~/ask`, `~/answers`, `~/debug_image`."""
+    """Lifecycle node `llava_phi`: `~/query`, `~/ask`, `~/answers`, `~/debug_image`.
 
-    def __init__(self, **kwargs: Any):
+    model_loader (parameter values -> model) replaces the product's loader; tests pass doubles.
+    """
+
+    def __init__(self, model_loader: ModelLoader | None = None, **kwargs: Any):
         super().__init__(NODE_NAME, **kwargs)
-        for name, (default, description) in PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-
+        self._model_loader = model_loader or load_model_from_values
         self.core: core.AssistantCore | None = None
         self._configure_error = ""
+        self._model_path = ""  # what the current configure loads
+        self._active = False
+        self._shutting_down = False
+        self._requests_in_flight = 0  # service and action callbacks not finished yet
+        self._load_error: BaseException | None = None  # set by the loader thread
         self._camera_subscriptions: list[Any] = []
         # Action goals keyed by id() of the goal message, which rclpy hands to the goal callback
         # and then to the goal handle: the job accepted at once, or why it was refused, and the
@@ -122,24 +120,34 @@ class AssistantNode(LifecycleNode):
         self._goal_refusals: dict[int, core.QueryRefused] = {}
         self._goal_handles: dict[int, Any] = {}
 
+        # Bad values from a params file or -p do not raise here: each falls back to its default
+        # and the node stays unconfigured, saying why (log, diagnostics, NOT_READY messages).
+        self._parameter_errors = self._declare_parameters()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
         self._request_group = ReentrantCallbackGroup()  # async callbacks awaiting the worker
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
         # Triggered by the worker thread after it completes a future, so the executor wakes up
         # and resumes the coroutine awaiting it (nothing else may be happening on the graph).
         self._wake = self.create_guard_condition(lambda: None, self._request_group)
+        # Triggered by the loader thread when a background load ends.
+        self._load_done = self.create_guard_condition(self._after_load, self._diagnostics_group)
 
-        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+        depth = self.get_parameter("request_queue_depth").value
+        requests = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.VOLATILE,
                               history=HistoryPolicy.KEEP_LAST)
-        self._answers_pub = self.create_publisher(Answer, "~/answers", reliable)
+        self._answers_pub = self.create_publisher(Answer, "~/answers", requests)
         self._debug_pub = self.create_publisher(
             Image, "~/debug_image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_service(Query, "~/query", self._on_query, callback_group=self._request_group)
+        self.create_service(Query, "~/query", self._on_query, qos_profile=requests,
+                            callback_group=self._request_group)
         self._action_server = ActionServer(
             self, Ask, "~/ask", execute_callback=self._execute_ask,
             goal_callback=self._on_goal, cancel_callback=self._on_cancel,
-            callback_group=self._request_group)
+            callback_group=self._request_group, goal_service_qos_profile=requests,
+            result_service_qos_profile=requests, cancel_service_qos_profile=requests)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=self._diagnostics_group)
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1)),
@@ -150,50 +158,118 @@ class AssistantNode(LifecycleNode):
                 self.trigger_activate()
 
     # ----- parameters -------------------------------------------------------------------------
+    def _declare_parameters(self) -> dict[str, str]:
+        """Declare every schema parameter; {name: why its override was refused}."""
+        overrides = getattr(self, "_parameter_overrides", {})  # rclpy's -p / params-file values
+        errors = {}
+        for spec in parameters.PARAMETERS:
+            value = spec.default_value
+            if spec.name in overrides:
+                try:
+                    value = parameters.check(spec.name, overrides[spec.name].value)
+                except parameters.ParameterError as exc:
+                    errors[spec.name] = str(exc)
+            self.declare_parameter(spec.name, value, descriptor(spec), ignore_override=True)
+        try:
+            parameters.check_together(self._values())
+        except parameters.ParameterError as exc:
+            errors["request_queue_depth"] = str(exc)
+        for why in errors.values():
+            self.get_logger().error(f"parameter refused, default kept: {why}")
+        return errors
+
     def _values(self) -> dict[str, Any]:
-        return {name: self.get_parameter(name).value for name in PARAMETERS}
+        return {p.name: self.get_parameter(p.name).value for p in parameters.PARAMETERS}
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
-        """Refuse bad values with a reason; new values take effect at the next configure."""
-        values = self._values() | {p.name: p.value for p in params}
+        """Live parameters apply at once; reload ones only while unconfigured; else refused."""
+        ours = [p for p in params if p.name in parameters.SPECS]  # use_sim_time is rclpy's
+        if not ours:
+            return SetParametersResult(successful=True)
+        for p in ours:
+            applies = parameters.SPECS[p.name].applies
+            if applies == STARTUP:
+                return SetParametersResult(successful=False,
+                                           reason=f"{p.name} is read-only: set it at start")
+            if applies == RELOAD and self.core is not None:
+                return SetParametersResult(
+                    successful=False, reason=f"{p.name} needs a reload: the node is configured; "
+                                             "clean up first (lifecycle cleanup), set it, then "
+                                             "configure")
         try:
-            settings_from_values(values)
-        except (TypeError, ValueError) as exc:
+            values = parameters.validate(self._values() | {p.name: p.value for p in ours})
+            if any(p.name == "device" for p in ours):
+                _check_device_exists(values["device"])
+            if self.core is not None:
+                self.core.update_settings(core.AssistantSettings.from_values(values))
+        except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        for p in ours:
+            self._parameter_errors.pop(p.name, None)  # a good value replaces a refused one
+        if any(parameters.SPECS[p.name].applies == LIVE for p in ours) and self.core is not None:
+            self.get_logger().info("applied: " + ", ".join(f"{p.name}={p.value!r}" for p in ours))
         return SetParametersResult(successful=True)
 
     # ----- lifecycle --------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Validate parameters, load the model, subscribe to the cameras."""
-        from ..pipeline import VisionLanguageModel
+        """Check the parameters, subscribe to the cameras and start loading the model.
 
+        The load runs on a background thread (30-60 s on a Jetson): the executor keeps serving,
+        queries get NOT_READY ("loading") meanwhile, and a load that fails takes the node back
+        to unconfigured with the reason.
+        """
         values = self._values()
         try:
-            settings = settings_from_values(values)
-            if not values["model_path"]:
-                raise ValueError("model_path is empty: set it to a checkpoint directory or "
-                                 "builtin:tiny")
-            assistant = core.AssistantCore(settings, now_ns=self._now_ns)
-            assistant.load_model(lambda: VisionLanguageModel.load(
-                values["model_path"], backend=values["backend"], device=values["device"],
-                dtype=values["dtype"], system_prompt=values["system_prompt"] or None))
-        except Exception as exc:  # noqa: BLE001 - any failure keeps the node unconfigured
+            if self._parameter_errors:
+                raise ValueError("; ".join(self._parameter_errors.values()))
+            values = parameters.validate(values)
+            _check_model_path(values["model_path"])
+            _check_device_exists(values["device"])
+            assistant = core.AssistantCore(core.AssistantSettings.from_values(values),
+                                           now_ns=self._now_ns)
+        except ValueError as exc:
             self._configure_error = f"configure failed: {exc}"
             self.get_logger().error(self._configure_error)
             return TransitionCallbackReturn.FAILURE
-        self.core, self._configure_error = assistant, ""
-        if values["model_path"] in BUILTIN_WARNINGS:
-            self.get_logger().warning(BUILTIN_WARNINGS[values["model_path"]])
-        self._subscribe(settings.cameras, values["image_transport"], values["qos_reliable"])
-        self.get_logger().info(f"configured with {assistant.model_id}")
+        self.core, self._configure_error, self._load_error = assistant, "", None
+        self._model_path = values["model_path"]
+        self._subscribe(assistant.cameras, values["image_transport"], values["qos_reliable"])
+        assistant.start_loading(lambda: self._model_loader(values), self._on_loaded)
+        self.get_logger().info(f"configured; loading {values['model_path']} "
+                               f"({values['backend']} on {values['device']})")
         return TransitionCallbackReturn.SUCCESS
+
+    def _on_loaded(self, error: BaseException | None) -> None:
+        """Loader thread: hand the outcome to the executor."""
+        self._load_error = error
+        self._load_done.trigger()
+
+    def _after_load(self) -> None:
+        """Executor: log the loaded model, or go back to unconfigured with the reason."""
+        assistant, error = self.core, self._load_error
+        if assistant is None:
+            return
+        if error is None:
+            self.get_logger().info(f"model loaded: {assistant.model_id}")
+            if self._model_path in BUILTIN_WARNINGS:
+                self.get_logger().warning(BUILTIN_WARNINGS[self._model_path])
+            return
+        self._load_error = None
+        reason = f"loading the model failed: {type(error).__name__}: {error}"
+        self.get_logger().error(reason)
+        if self._active:
+            self.trigger_deactivate()
+        self.trigger_cleanup()
+        self._configure_error = reason  # after cleanup: it says why the node is unconfigured
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.core is not None:
             self.core.set_active(True)
+        self._active = True
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
         if self.core is not None:
             self.core.set_active(False)
         return super().on_deactivate(state)
@@ -207,14 +283,28 @@ class AssistantNode(LifecycleNode):
         self.release()
         return TransitionCallbackReturn.SUCCESS
 
-    def release(self) -> None:
-        """Stop the worker, free the model, drop the camera subscriptions."""
+    def release(self, why: str = "the model was unloaded") -> None:
+        """Stop the worker (every request ends, NOT_READY), free the model, drop the cameras."""
         for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
         self._camera_subscriptions.clear()
+        self._active = False
         if self.core is not None:
-            self.core.shutdown()
+            self.core.shutdown(why, join_timeout_s=WORKER_JOIN_S)
             self.core = None
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; every waiting and running request ends now (NOT_READY, partial text).
+
+        Keep spinning afterwards until `requests_in_flight` is 0, so their responses go out.
+        """
+        self._shutting_down = True
+        self.release("the node is shutting down")
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Service and action callbacks that have not returned yet."""
+        return self._requests_in_flight
 
     # ----- cameras ----------------------------------------------------------------------------
     def _subscribe(self, cameras: list[str], transport: str, reliable: bool) -> None:
@@ -252,9 +342,8 @@ class AssistantNode(LifecycleNode):
                                            stamp_ns=stamp_to_ns(msg.header.stamp),
                                            frame_id=msg.header.frame_id, image=rgb,
                                            header=msg.header, received_ns=self._now_ns()))
-        except ValueError as exc:  # e.g. the core was reconfigured without this camera
-            self.get_logger().warning(f"{camera}: dropped a frame: {exc}",
-                                      throttle_duration_sec=5.0)
+        except core.FrameRefused as exc:
+            self.get_logger().warning(f"dropped a frame: {exc}", throttle_duration_sec=5.0)
 
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
@@ -283,12 +372,22 @@ class AssistantNode(LifecycleNode):
             top_p=float(req.top_p), session_id=req.session_id)
 
     def _submit(self, req: Any, on_text: Any = None) -> Any:
-        """Accept (a core Job) or raise QueryRefused at once."""
+        """Accept (a core Job) or raise QueryRefused at once; nothing else escapes."""
+        if self._shutting_down:
+            raise core.QueryRefused(core.NOT_READY, "the node is shutting down")
         if self.core is None:
             state = "unconfigured" + (f" ({self._configure_error})" if self._configure_error
                                       else "")
             raise core.QueryRefused(core.NOT_READY, f"the node is {state}")
-        return self.core.submit(self._to_core_request(req), on_text=on_text)
+        try:
+            request = self._to_core_request(req)
+        except core.QueryRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every request ends in an error code
+            self.get_logger().error(f"converting a request failed: {exc!r}")
+            raise core.QueryRefused(core.MODEL_ERROR, f"converting the request failed: "
+                                                      f"{type(exc).__name__}: {exc}") from exc
+        return self.core.submit(request, on_text=on_text)
 
     async def _await_job(self, job: Any) -> core.QueryOutcome:
         """Wait for the worker without holding an executor thread."""
@@ -302,11 +401,15 @@ class AssistantNode(LifecycleNode):
         return await done
 
     async def _on_query(self, request: Any, response: Any) -> Any:
+        self._requests_in_flight += 1
         try:
-            outcome = await self._await_job(self._submit(request))
-        except core.QueryRefused as refused:
-            outcome = core.QueryOutcome(False, refused.code, refused.message, None)
-        self._fill_response(response, outcome)
+            try:
+                outcome = await self._await_job(self._submit(request))
+            except core.QueryRefused as refused:
+                outcome = core.QueryOutcome(False, refused.code, refused.message, None)
+            self._fill_response(response, outcome)
+        finally:
+            self._requests_in_flight -= 1
         return response
 
     def _fill_response(self, response: Any, outcome: core.QueryOutcome) -> None:
@@ -349,6 +452,8 @@ class AssistantNode(LifecycleNode):
             self._goal_jobs[id(goal)] = self._submit(goal, on_text=self._feedback_sink(goal))
         except core.QueryRefused as refused:
             if refused.code == core.BUSY:
+                self.get_logger().info(f"goal rejected: {refused.message}",
+                                       throttle_duration_sec=1.0)
                 return GoalResponse.REJECT
             self._goal_refusals[id(goal)] = refused
         return GoalResponse.ACCEPT
@@ -373,42 +478,68 @@ class AssistantNode(LifecycleNode):
     async def _execute_ask(self, goal_handle: Any) -> Any:
         key = id(goal_handle.request)
         result = Ask.Result()
-        refused = self._goal_refusals.pop(key, None)
-        if refused is not None:
-            self._fill_response(result, core.QueryOutcome(False, refused.code, refused.message,
-                                                          None))
-            goal_handle.abort()
-            return result
-        self._goal_handles[key] = goal_handle
-        job = self._goal_jobs[key]
-        if goal_handle.is_cancel_requested:
-            job.cancel()
+        self._requests_in_flight += 1
         try:
-            outcome = await self._await_job(job)
+            refused = self._goal_refusals.pop(key, None)
+            if refused is not None:
+                self._fill_response(result, core.QueryOutcome(False, refused.code,
+                                                              refused.message, None))
+                goal_handle.abort()
+                return result
+            self._goal_handles[key] = goal_handle
+            job = self._goal_jobs[key]
+            if goal_handle.is_cancel_requested:
+                job.cancel()
+            try:
+                outcome = await self._await_job(job)
+            finally:
+                self._goal_jobs.pop(key, None)
+                self._goal_handles.pop(key, None)
+            self._fill_response(result, outcome)
+            if outcome.success:
+                goal_handle.succeed()
+            elif outcome.error_code == core.CANCELLED and goal_handle.is_cancel_requested:
+                goal_handle.canceled()
+            else:
+                goal_handle.abort()
+            return result
         finally:
-            self._goal_jobs.pop(key, None)
-            self._goal_handles.pop(key, None)
-        self._fill_response(result, outcome)
-        if outcome.success:
-            goal_handle.succeed()
-        elif outcome.error_code == core.CANCELLED and goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
-        return result
+            self._requests_in_flight -= 1
 
     # ----- diagnostics ------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
+        why = self._configure_error or "; ".join(self._parameter_errors.values())
         array.status = diagnostics_statuses(self.get_fully_qualified_name(),
-                                            self.core.stats() if self.core else None,
-                                            self._configure_error)
+                                            self.core.stats() if self.core else None, why)
         self._diagnostics_pub.publish(array)
 
 
+def _check_model_path(model_path: str) -> None:
+    """Quick checks before a load starts: ValueError for an empty or missing path."""
+    if not model_path:
+        raise ValueError("model_path is empty: set it to a checkpoint directory or builtin:tiny")
+    if model_path not in BUILTINS and not os.path.isdir(model_path):
+        raise ValueError(f"model_path {model_path!r} does not exist or is not a directory")
+
+
+def _check_device_exists(device: str) -> None:
+    """ValueError when a device is named that this machine does not have (e.g. cuda:99)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+
+
 def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
-                         configure_error: str) -> list[DiagnosticStatus]:
+                         why_unconfigured: str) -> list[DiagnosticStatus]:
     """DiagnosticStatus entries for the model, the queue and each camera."""
     def status(name: str, level: bytes, message: str, values: dict[str, Any]) -> DiagnosticStatus:
         return DiagnosticStatus(level=level, name=f"{node_name}: {name}", message=message,
@@ -416,11 +547,12 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
                                 values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
 
     if stats is None:
-        msg = configure_error or "not configured"
-        level = DiagnosticStatus.ERROR if configure_error else DiagnosticStatus.WARN
-        return [status("model", level, msg, {})]
+        level = DiagnosticStatus.ERROR if why_unconfigured else DiagnosticStatus.WARN
+        return [status("model", level, why_unconfigured or "not configured", {})]
     out = []
-    if stats.get("builtin_toy"):
+    if stats.get("loading"):
+        out.append(status("model", DiagnosticStatus.WARN, "loading", {"active": stats["active"]}))
+    elif stats.get("builtin_toy"):
         out.append(status("model", DiagnosticStatus.WARN,
                           f"{stats.get('model_id')}: a toy model, not for real use",
                           {"model_id": stats.get("model_id"), "active": stats.get("active")}))
@@ -436,33 +568,59 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
                                                               latency.items()},
                        **{f"errors_{k}": v for k, v in stats.get("errors", {}).items()}}))
     for camera, cam in stats.get("cameras", {}).items():
-        age = cam.get("age_s")
-        level = DiagnosticStatus.OK if cam.get("frames") else DiagnosticStatus.WARN
-        out.append(status(f"camera {camera}", level,
-                          "receiving" if cam.get("frames") else "no frames yet",
-                          {"rate_hz": cam.get("rate_hz"), "age_s": age,
-                           "frames": cam.get("frames"), "buffer_mb": cam.get("buffer_mb")}))
+        problem = cam.get("problem", "")
+        out.append(status(f"camera {camera}",
+                          DiagnosticStatus.WARN if problem else DiagnosticStatus.OK,
+                          problem or "receiving",
+                          {"rate_hz": cam.get("rate_hz"), "age_s": cam.get("age_s"),
+                           "frames": cam.get("frames"), "buffer_mb": cam.get("buffer_mb"),
+                           "refused_future": cam.get("refused_future")}))
     return out
 
 
-def main(args: list[str] | None = None) -> None:
-    """`ros2 run llava_phi_ros assistant` / `llava-phi-assistant`."""
-    rclpy.init(args=args)
+def spin_until_shutdown(node: AssistantNode, executor: Any, stop: threading.Event) -> None:
+    """Spin until `stop` is set, then answer every request and deliver the responses."""
+    while not stop.is_set() and rclpy.ok():
+        executor.spin_once(timeout_sec=0.1)  # at most 0.1 s from a signal to the shutdown
+    if not rclpy.ok():
+        return
+    node.begin_shutdown()
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while node.requests_in_flight and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    # The last responses and action results are sent from tasks that run after the callbacks
+    # return (result requests); a short spin delivers them before the node goes away.
+    flush_until = min(deadline, time.monotonic() + 0.3)
+    while time.monotonic() < flush_until:
+        executor.spin_once(timeout_sec=0.05)
+
+
+def main(args: list[str] | None = None, model_loader: ModelLoader | None = None) -> None:
+    """`ros2 run llava_phi_ros assistant` / `llava-phi-assistant`.
+
+    rclpy's own signal handlers would shut the context down at once, before the node could
+    answer anyone; ours set a flag, and the node answers every request before it exits (0).
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     node = None
     # One thread is enough: image callbacks only convert and buffer, request callbacks are
     # coroutines that yield while the worker thread runs the model. It also costs less per query
     # than the multi-threaded executor (benchmarks/bench_ros_overhead.py: 0.9 vs 2.2 ms median).
     executor = SingleThreadedExecutor()
     try:
-        node = AssistantNode()
+        node = AssistantNode(model_loader=model_loader)
         executor.add_node(node)
-        executor.spin()
+        spin_until_shutdown(node, executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node is not None:
+            node.release("the node is shutting down")
         executor.shutdown()
         if node is not None:
-            node.release()
             node.destroy_node()
         rclpy.try_shutdown()
 

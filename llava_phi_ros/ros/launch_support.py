@@ -8,12 +8,14 @@ the node's documented parameters, and the rviz config rewritten for a namespace.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .. import parameters
+from ..backends import BACKENDS
 
 __all__ = [
     "DOCUMENTED_PARAMETERS",
@@ -26,6 +28,7 @@ __all__ = [
     "image_topic_remappings",
     "node_parameter_overrides",
     "parse_bool",
+    "check_launch_executables",
     "plan_launch",
     "rviz_config_for_namespace",
     "validate_namespace",
@@ -37,9 +40,6 @@ __all__ = [
 PACKAGE = "llava_phi_ros"
 NODE_NAME = "llava_phi"
 EXECUTABLE = "assistant"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-IMAGE_TRANSPORTS = ("raw", "compressed")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CAMERA = "camera"
 
 
@@ -86,32 +86,8 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    "default camera, 'camera')."),
 )
 
-# Every parameter of the node that belongs in a parameters file, with its default (DESIGN.md).
-# The node's test-only parameters are deliberately absent.
-DOCUMENTED_PARAMETERS: dict[str, Any] = {
-    "model_path": "",
-    "backend": "torch",
-    "device": "cpu",
-    "dtype": "auto",
-    "engine_dir": "",
-    "max_new_tokens": 64,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "system_prompt": "",
-    "cameras": ["camera"],
-    "image_transport": "raw",
-    "qos_reliable": False,
-    "max_image_age_s": 2.0,
-    "frame_buffer_s": 5.0,
-    "frame_buffer_max_mb": 256.0,
-    "stamp_tolerance_s": 0.05,
-    "query_timeout_s": 60.0,
-    "max_pending_queries": 4,
-    "session_ttl_s": 300.0,
-    "max_sessions": 16,
-    "preencode_latest": False,
-    "autostart": True,
-}
+# Every parameter of the node that belongs in a parameters file, with its default: the schema's.
+DOCUMENTED_PARAMETERS: dict[str, Any] = dict(parameters.DEFAULTS)
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -223,6 +199,23 @@ class LaunchPlan:
     executable: str = EXECUTABLE
 
 
+def check_launch_executables(plan: LaunchPlan, package_prefix: Callable[[str], str]) -> None:
+    """Refuse a launch whose executables are missing, before anything starts (LaunchConfigError).
+
+    package_prefix(name) returns a package's install prefix or raises (ament_index_python's
+    get_package_prefix). Without this, a missing rviz2 aborts the launch after the node has
+    started, and the node is left running orphaned.
+    """
+    needed = [plan.package] + (["rviz2"] if plan.use_rviz else [])
+    for package in needed:
+        try:
+            package_prefix(package)
+        except Exception as exc:  # noqa: BLE001 - ament raises its own PackageNotFoundError
+            hint = " (install rviz2, or launch with use_rviz:=false)" if package == "rviz2" else ""
+            raise LaunchConfigError(f"package {package!r} is not installed or not sourced: "
+                                    f"{exc}{hint}") from exc
+
+
 def plan_launch(arguments: Mapping[str, str], share_dir: str) -> LaunchPlan:
     """Validate resolved launch arguments and compute the node's configuration."""
     if "model_path" not in arguments:
@@ -258,71 +251,6 @@ def plan_launch(arguments: Mapping[str, str], share_dir: str) -> LaunchPlan:
     )
 
 
-def _type_name(value: Any) -> str:
-    """The ROS parameter type a Python default stands for."""
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "double"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "string array"
-    return type(value).__name__
-
-
-def _check_type(name: str, value: Any, default: Any) -> None:
-    """Raise ParameterFileError when ``value`` would not load as the parameter's ROS type."""
-    expected = _type_name(default)
-    if _type_name(value) == expected and not (
-        isinstance(value, list) and not all(isinstance(v, str) for v in value)
-    ):
-        return
-    hint = ""
-    if expected == "double" and _type_name(value) == "integer":
-        hint = f" (write {value}.0: ROS reads {value} as an integer)"
-    raise ParameterFileError(f"{name}: expected a {expected}, got {value!r}{hint}")
-
-
-def _check_value(name: str, value: Any) -> None:
-    """Raise ParameterFileError for values outside what the node accepts."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise ParameterFileError(f"{name} must be {what}, got {value!r}")
-
-    if isinstance(value, float):
-        need(math.isfinite(value), "finite")
-    if name == "backend":
-        need(value in BACKENDS, " | ".join(BACKENDS))
-    elif name == "image_transport":
-        need(value in IMAGE_TRANSPORTS, " | ".join(IMAGE_TRANSPORTS))
-    elif name == "dtype":
-        need(value in DTYPES, " | ".join(DTYPES))
-    elif name == "device":
-        need(bool(value.strip()), "a device name such as cpu or cuda:0")
-    elif name == "cameras":
-        need(len(value) > 0, "a non-empty list")
-        need(len(set(value)) == len(value), "unique names")
-        for cam in value:
-            try:
-                validate_topic_name(cam, "camera")
-            except LaunchConfigError as exc:
-                raise ParameterFileError(f"cameras: {exc}") from exc
-            need(not cam.startswith("/"), "relative names")
-    elif name in ("max_new_tokens", "max_sessions"):
-        need(value >= 1, ">= 1")
-    elif name == "max_pending_queries":
-        need(value >= 0, ">= 0")
-    elif name == "top_p":
-        need(0.0 < value <= 1.0, "in (0, 1]")
-    elif name in ("temperature", "max_image_age_s", "stamp_tolerance_s"):
-        need(value >= 0.0, ">= 0")
-    elif name in ("frame_buffer_s", "frame_buffer_max_mb", "query_timeout_s", "session_ttl_s"):
-        need(value > 0.0, "> 0")
-
-
 def validate_parameters_yaml(
     document: Any,
     expected: Mapping[str, Any] = DOCUMENTED_PARAMETERS,
@@ -333,7 +261,8 @@ def validate_parameters_yaml(
     """Check a parsed parameters YAML (``{node_key: {ros__parameters: {...}}}``); return them.
 
     Refuses other top-level keys, unknown names (typos), missing names when ``require_all``,
-    values of the wrong ROS type (``2`` for a double) and values the node would refuse.
+    values of the wrong ROS type and values the node would refuse (the parameter schema's
+    checks, llava_phi_ros/parameters.py); an integer is accepted for a double, as the node does.
     """
     if not isinstance(document, Mapping):
         raise ParameterFileError("a parameters file must be a mapping at the top level")
@@ -356,10 +285,12 @@ def validate_parameters_yaml(
     missing = [name for name in expected if name not in params]
     if require_all and missing:
         raise ParameterFileError(f"missing parameter(s): {', '.join(missing)}")
-    for name, value in params.items():
-        _check_type(name, value, expected[name])
-        _check_value(name, value)
-    return dict(params)
+    try:
+        checked = {name: parameters.check(name, value) for name, value in params.items()}
+        parameters.check_together(checked)
+    except parameters.ParameterError as exc:
+        raise ParameterFileError(str(exc)) from exc
+    return checked
 
 
 def validate_rviz_config(document: Any, topic: str) -> None:
