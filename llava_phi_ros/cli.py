@@ -10,9 +10,9 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .backends import BACKENDS, DTYPE_NAMES
 from .model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from .model.generation import GenerationConfig
-from .backends import BACKENDS, DTYPE_NAMES
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -8,14 +8,17 @@ a set of choices, and when a new value applies:
 
 The node's declarations and descriptors (`ros2 param describe`), its validation at start and at
 `ros2 param set`, the service core's settings, the params-YAML check of `launch_support` and the
-parameter table in config/README.md (`python -m llava_phi_ros.parameters`) all come from
-`PARAMETERS`. ROS-free.
+parameter table in config/README.md (`python -m llava_phi_ros.parameters`) and
+config/assistant.yaml (`... --yaml`) all come from `PARAMETERS`. ROS-free.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,7 +181,8 @@ def coerce(name: str, value: Any) -> Any:
             isinstance(v, str) for v in value):
         return list(value)
     if _type_name(value) != expected or expected == "string array":
-        raise ParameterError(f"{name}: expected a {expected}, got {value!r}")
+        article = "an" if expected[0] in "aeiou" else "a"
+        raise ParameterError(f"{name}: expected {article} {expected}, got {value!r}")
     return value
 
 
@@ -237,12 +241,49 @@ def markdown_table(params: Iterable[Param] = PARAMETERS) -> str:
     rows = ["| parameter | type | default | range | applies | what |",
             "|---|---|---|---|---|---|"]
     for p in params:
-        default = p.default_value if p.default_value != "" else "''"
+        default = _yaml_value(p.default_value)
         bounds = p.bounds.replace("|", "\\|")
         rows.append(f"| `{p.name}` | {p.type_name} | `{default}` | {bounds} | {p.applies} | "
                     f"{p.description} |")
     return "\n".join(rows)
 
 
+YAML_HEADER = """\
+# Parameters of the llava_phi node, all of them, with their defaults. GENERATED from the schema in
+# llava_phi_ros/parameters.py: `python -m llava_phi_ros.parameters --yaml > config/assistant.yaml`
+# (test/test_launch_support.py checks that this file is what the schema gives).
+#
+# `/**` matches the node whatever its name or namespace, so several namespaced instances can
+# share this file. launch/assistant.launch.py loads it (argument params_file) and then sets
+# model_path, backend, device and use_sim_time from its own arguments on top of it. A bad value
+# leaves the node up and unconfigured, with the reason in its log and diagnostics.
+/**:
+  ros__parameters:
+"""
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as YAML that ROS reads back with the same type (2.0 stays a double)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (int, str, list)):
+        return json.dumps(value)
+    raise TypeError(f"no YAML form for {value!r}")
+
+
+def params_yaml(params: Iterable[Param] = PARAMETERS) -> str:
+    """config/assistant.yaml: every parameter with its default, its description as a comment."""
+    lines = [YAML_HEADER.rstrip("\n")]
+    for p in params:
+        lines.append("")
+        bounds = f"{'one of ' if p.choices else 'in '}{p.bounds}; " if p.bounds else ""
+        about = f"{p.description} ({bounds}{p.applies})"
+        lines += ["    # " + line for line in textwrap.wrap(about, 94)]
+        lines.append(f"    {p.name}: {_yaml_value(p.default_value)}")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    sys.stdout.write(params_yaml() if sys.argv[1:] == ["--yaml"] else markdown_table() + "\n")

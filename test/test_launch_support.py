@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llava_phi_ros import parameters
 from llava_phi_ros.ros.launch_support import (
     DOCUMENTED_PARAMETERS,
     LAUNCH_ARGUMENTS,
     LaunchConfigError,
     ParameterFileError,
+    check_launch_executables,
     debug_image_topic,
     image_topic_remappings,
     node_parameter_overrides,
@@ -39,11 +41,21 @@ def test_shipped_yaml_has_exactly_the_documented_parameters_with_their_defaults(
     doc = _shipped_params()
     assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
     params = validate_parameters_yaml(doc)
-    assert params == DOCUMENTED_PARAMETERS
-    assert "test_only_token_delay_s" not in params
-    # Doubles are written as doubles (2.0, not 2): ROS would read an integer and refuse it.
-    for name, value in params.items():
+    assert params == DOCUMENTED_PARAMETERS == parameters.DEFAULTS
+    # Doubles are written as doubles (2.0, not 2), so `ros2 param` tools see the declared type.
+    for name, value in doc["/**"]["ros__parameters"].items():
         assert type(value) is type(DOCUMENTED_PARAMETERS[name]), name
+
+
+def test_shipped_yaml_is_what_the_schema_generates():
+    assert PARAMS_YAML.read_text() == parameters.params_yaml(), (
+        "regenerate it: python -m llava_phi_ros.parameters --yaml > config/assistant.yaml")
+
+
+def test_config_readme_table_is_what_the_schema_generates():
+    readme = (REPO / "config" / "README.md").read_text()
+    assert parameters.markdown_table() in readme, (
+        "regenerate the table: python -m llava_phi_ros.parameters")
 
 
 def test_shipped_yaml_comments_every_parameter():
@@ -62,35 +74,43 @@ def test_shipped_yaml_values_pass_the_core_validation():
     settings.validate()
 
 
-def test_documented_parameters_match_the_node():
-    node = pytest.importorskip("llava_phi_ros.ros.assistant_node")
-    declared = {name: default for name, (default, _) in node.PARAMETERS.items()
-                if not name.startswith("test_only")}
-    assert declared == DOCUMENTED_PARAMETERS
-    assert "test_only_token_delay_s" in node.PARAMETERS  # exists, but stays out of the YAML
+def test_every_core_setting_is_a_schema_parameter():
+    core = pytest.importorskip("llava_phi_ros.assistant")
+    fields = set(core.AssistantSettings.__dataclass_fields__)
+    assert fields <= set(parameters.SPECS), fields - set(parameters.SPECS)
+    assert core.AssistantSettings().max_new_tokens == parameters.DEFAULTS["max_new_tokens"]
+
+
+def test_an_integer_is_accepted_for_a_double_as_the_node_accepts_it():
+    doc = copy.deepcopy(_shipped_params())
+    doc["/**"]["ros__parameters"]["max_image_age_s"] = 2
+    got = validate_parameters_yaml(doc)["max_image_age_s"]
+    assert got == 2.0 and isinstance(got, float)
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda p: p.update(max_image_age_s=2), r"max_image_age_s: expected a double, got 2 \(write "
-                                            r"2.0"),
-    (lambda p: p.update(max_new_tokens=64.0), "max_new_tokens: expected a integer"),
+    (lambda p: p.update(max_image_age_s="2"), "max_image_age_s: expected a double, got '2'"),
+    (lambda p: p.update(max_new_tokens=64.0), "max_new_tokens: expected an integer"),
+    (lambda p: p.update(max_new_tokens=2**63 - 1), r"max_new_tokens must be in \[1, 8192\]"),
     (lambda p: p.update(qos_reliable="false"), "qos_reliable: expected a bool"),
     (lambda p: p.update(cameras="camera"), "cameras: expected a string array"),
     (lambda p: p.update(cameras=["a", 3]), "cameras: expected a string array"),
     (lambda p: p.update(cameras=[]), "cameras must be a non-empty list"),
     (lambda p: p.update(cameras=["a", "a"]), "unique"),
     (lambda p: p.update(cameras=["/abs"]), "relative"),
-    (lambda p: p.update(cameras=["1cam"]), "not a valid ROS name"),
+    (lambda p: p.update(cameras=["1cam"]), "not a valid relative ROS name"),
     (lambda p: p.update(backend="tensorflow"), "backend must be torch | onnxruntime | tensorrt"),
     (lambda p: p.update(image_transport="theora"), "image_transport must be raw | compressed"),
     (lambda p: p.update(dtype="int8"), "dtype must be"),
     (lambda p: p.update(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (lambda p: p.update(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (lambda p: p.update(temperature=-1.0), "temperature must be >= 0"),
-    (lambda p: p.update(frame_buffer_s=0.0), "frame_buffer_s must be > 0"),
+    (lambda p: p.update(temperature=-1.0), r"temperature must be in \[0, 100\]"),
+    (lambda p: p.update(frame_buffer_s=0.0), r"frame_buffer_s must be in \(0, 3600\]"),
     (lambda p: p.update(query_timeout_s=float("inf")), "finite"),
-    (lambda p: p.update(max_sessions=0), "max_sessions must be >= 1"),
-    (lambda p: p.update(max_pending_queries=-1), "max_pending_queries must be >= 0"),
+    (lambda p: p.update(max_sessions=0), r"max_sessions must be in \[1, 10000\]"),
+    (lambda p: p.update(max_pending_queries=-1), r"max_pending_queries must be in \[0, 4096\]"),
+    (lambda p: p.update(max_pending_queries=300), "must be below request_queue_depth"),
+    (lambda p: p.update(device="gpu0"), "device must be cpu, cuda, cuda:N or mps"),
     (lambda p: p.update(max_new_token=64), "unknown parameter.*max_new_token"),
     (lambda p: p.update(test_only_token_delay_s=0.1), "unknown parameter.*test_only"),
     (lambda p: p.pop("autostart"), "missing parameter.*autostart"),
@@ -240,6 +260,20 @@ def test_plan_launch_errors(tmp_path):
         plan_launch({"model_path": "m", "use_rviz": "sure"}, str(share))
 
 
+def test_missing_rviz2_is_refused_before_anything_starts(tmp_path):
+    share = _share(tmp_path)
+
+    def prefix(package: str) -> str:
+        if package == "rviz2":
+            raise KeyError("package 'rviz2' not found")  # ament's PackageNotFoundError is one
+        return "/opt/ros/humble"
+
+    with_rviz = plan_launch({"model_path": "m", "use_rviz": "true"}, str(share))
+    with pytest.raises(LaunchConfigError, match="rviz2.*use_rviz:=false"):
+        check_launch_executables(with_rviz, prefix)
+    check_launch_executables(plan_launch({"model_path": "m"}, str(share)), prefix)  # no rviz
+
+
 # ----- rviz ----------------------------------------------------------------------------------
 def test_rviz_config_parses_and_shows_the_debug_image_reliably():
     doc = yaml.safe_load(RVIZ.read_text())
@@ -275,6 +309,8 @@ def test_launch_file_is_thin_and_uses_launch_support():
     assert "plan_launch" in source and "LAUNCH_ARGUMENTS" in source
     assert "LifecycleNode(" in source and "OpaqueFunction(" in source
     assert "FindPackageShare" in source and "PathJoinSubstitution" in source
+    # the executables are checked before any action is returned (nothing starts otherwise)
+    assert source.index("check_launch_executables(plan") < source.index("actions = [")
     assert len(source.splitlines()) < 90
 
 
@@ -306,8 +342,10 @@ def test_config_readme_documents_both_files_and_the_camera_driver():
         assert needle in text, needle
 
 
-def test_backend_names_agree_with_the_pipeline():
-    from llava_phi_ros.pipeline import BACKENDS as PIPELINE_BACKENDS
-    from llava_phi_ros.ros.launch_support import BACKENDS
+def test_backend_and_dtype_names_have_one_source():
+    from llava_phi_ros import backends, cli, pipeline
+    from llava_phi_ros.ros import launch_support
 
-    assert BACKENDS == PIPELINE_BACKENDS
+    assert pipeline.BACKENDS is launch_support.BACKENDS is cli.BACKENDS is backends.BACKENDS
+    assert parameters.SPECS["backend"].choices is backends.BACKENDS
+    assert parameters.SPECS["dtype"].choices is backends.DTYPE_NAMES
