@@ -79,15 +79,20 @@ class Graph:
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
 
-    def assistant(self, namespace: str, **params: Any) -> AssistantNode:
+    def assistant(self, namespace: str, model_loader: Any = None, wait_loaded: bool = True,
+                  cli_args: list[str] | None = None, **params: Any) -> AssistantNode:
         """An AssistantNode in its own namespace: the random toy model (answers of any length),
-        no frame-age limit, unless given."""
+        no frame-age limit, unless given; waits until its model has loaded (or failed to)."""
         params.setdefault("model_path", "builtin:random-tiny")
         params.setdefault("max_image_age_s", 0.0)  # test frames carry synthetic stamps
-        node = AssistantNode(namespace=namespace, parameter_overrides=[
-            Parameter(name, value=value) for name, value in params.items()])
+        node = AssistantNode(model_loader=model_loader, namespace=namespace, cli_args=cli_args,
+                             parameter_overrides=[Parameter(name, value=value)
+                                                  for name, value in params.items()])
         self.executor.add_node(node)
         self.assistants.append(node)
+        if wait_loaded:
+            wait_for(lambda: node.core is None or node.core.model_loaded, timeout_s=60,
+                     what=f"{namespace}: model loaded")
         return node
 
     def publisher(self, topic: str, msg_type: Any = Image, qos: Any = None):
