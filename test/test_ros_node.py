@@ -30,7 +30,7 @@ from llava_phi_ros.msg import Answer
 from llava_phi_ros.pipeline import VisionLanguageModel
 from llava_phi_ros.srv import Query
 
-from .doubles import SlowModel, fail_decode_after
+from .doubles import SlowModel
 from .ros_graph import Graph, compressed_msg, image_msg, stamp, wait_for
 
 QUESTION = "What colour is the square?"
