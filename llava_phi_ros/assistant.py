@@ -10,7 +10,11 @@ Threading contract (what the ROS node relies on):
 - `add_frame()` only takes short locks (never one held while the model runs): image intake never
   waits for inference.
 - `submit()` returns at once: it validates, selects the frame and enqueues; it never runs the
-  model. The model only ever runs on the worker thread.
+  model, and raises nothing but QueryRefused (an unexpected failure while checking is refused
+  MODEL_ERROR). The model only ever runs on the worker thread; `start_loading()` loads it on a
+  loader thread while queries get NOT_READY.
+- Errors: RequestError (the caller's input) is BAD_REQUEST, ContextOverflowError
+  CONTEXT_OVERFLOW; any other exception on the model path is MODEL_ERROR.
 - A `Job`'s future is resolved on the worker thread (or on the thread that calls `cancel()`,
   `set_active(False)`, `unload_model()` or `shutdown()` for jobs that never started). Done
   callbacks and `on_text` run on that thread: keep them short (hand over to the executor).
@@ -287,7 +291,7 @@ class AnswerRecord:
     camera: str
     question: str
     text: str = ""
-    finish_reason: str = "stop"  # "stop", "length" or "cancelled"
+    finish_reason: str = "stop"  # "stop", "length", "cancelled" (stopped) or "error" (failed)
     choices: list[str] = field(default_factory=list)
     choice_logprobs: list[float] = field(default_factory=list)
     choice_probs: list[float] = field(default_factory=list)
