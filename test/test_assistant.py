@@ -1038,7 +1038,7 @@ def test_shutdown_stops_a_long_choice_query_between_choices(make: Callable[..., 
     start = time.monotonic()
     h.core.shutdown()
     out = job.result(WAIT)
-    assert out.error_code == A.NOT_READY and time.monotonic() - start < 2.0
+    assert out.error_code == A.NOT_READY and time.monotonic() - start < 10.0  # not 50 s
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = WAIT) -> None:

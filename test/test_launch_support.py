@@ -198,10 +198,12 @@ def test_node_parameter_overrides():
     assert node_parameter_overrides(" /m ", "tensorrt", "cuda:0", "true")["use_sim_time"] is True
     with pytest.raises(LaunchConfigError, match="model_path is required.*builtin:tiny"):
         node_parameter_overrides("", "torch", "cpu", "false")
-    with pytest.raises(LaunchConfigError, match="backend 'tf' is not one of"):
+    with pytest.raises(LaunchConfigError, match="backend must be torch | onnxruntime"):
         node_parameter_overrides("m", "tf", "cpu", "false")
-    with pytest.raises(LaunchConfigError, match="device"):
+    with pytest.raises(LaunchConfigError, match="device must be cpu, cuda, cuda:N or mps"):
         node_parameter_overrides("m", "torch", " ", "false")
+    with pytest.raises(LaunchConfigError, match="device must be"):
+        node_parameter_overrides("m", "torch", "gpu", "false")
     with pytest.raises(LaunchConfigError, match="use_sim_time"):
         node_parameter_overrides("m", "torch", "cpu", "maybe")
 

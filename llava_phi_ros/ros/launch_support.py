@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import parameters
-from ..backends import BACKENDS
 
 __all__ = [
     "DOCUMENTED_PARAMETERS",
@@ -158,14 +157,15 @@ def node_parameter_overrides(
             "model_path is required: a LLaVA-Phi checkpoint directory, or builtin:tiny for the "
             "embedded toy model (e.g. model_path:=builtin:tiny)"
         )
-    if backend not in BACKENDS:
-        raise LaunchConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if not str(device).strip():
-        raise LaunchConfigError("device must not be empty (e.g. cpu or cuda:0)")
+    try:  # the node's own checks (the parameter schema)
+        backend = parameters.check("backend", str(backend).strip())
+        device = parameters.check("device", str(device).strip())
+    except parameters.ParameterError as exc:
+        raise LaunchConfigError(str(exc)) from exc
     return {
         "model_path": path,
         "backend": backend,
-        "device": str(device).strip(),
+        "device": device,
         "use_sim_time": parse_bool(use_sim_time, "use_sim_time"),
     }
 
