@@ -7,6 +7,7 @@ LOST (no response within --wait-s). Then SIGTERM while a goal streams and querie
 time and what each client got.
 
     .venv/bin/python benchmarks/bench_reliability.py [--bursts 32 64 128] [--pending 4]
+        [--client-depth 0]
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 os.environ["ROS_DOMAIN_ID"] = str(random.randint(101, 199))
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -29,7 +32,7 @@ import rclpy  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
@@ -38,24 +41,9 @@ from llava_phi_ros.ros.image_conversion import rgb_to_image_msg  # noqa: E402
 from llava_phi_ros.srv import Query  # noqa: E402
 
 QUESTION = "What colour is the square?"
-SETTLE_S = float(os.environ.get("SETTLE_S", "0"))
-_DEPTH = int(os.environ.get("CLIENT_DEPTH", "0"))
-from rclpy.qos import QoSProfile  # noqa: E402
-
-_Q = QoSProfile(depth=_DEPTH) if _DEPTH else None
-CLIENT_QOS = {"qos_profile": _Q} if _Q else {}
-ACTION_QOS = {"goal_service_qos_profile": _Q, "result_service_qos_profile": _Q, "cancel_service_qos_profile": _Q} if _Q else {}
 
 
-def start_node(ns: str, pending: int, model: str = "builtin:tiny") -> subprocess.Popen:
-    return subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "llava-phi-assistant"), "--ros-args",
-         "-r", f"__ns:=/{ns}", "-p", f"model_path:={model}", "-p", "max_image_age_s:=0.0",
-         "-p", f"max_pending_queries:={pending}", "--log-level", "warn"],
-        stderr=subprocess.PIPE if model != "builtin:tiny" else None, text=True)
-
-
-def wait_until(predicate, timeout_s: float) -> bool:
+def wait_until(predicate: Callable[[], Any], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -64,15 +52,51 @@ def wait_until(predicate, timeout_s: float) -> bool:
     return False
 
 
-def feed_frame(node: Node, ns: str) -> None:
+class Clients:
+    """Makes clients on the executor's thread: rclpy's ActionClient registers itself with the
+    node before it is initialised, so one made while another thread spins can kill the executor.
+    depth > 0 gives each client a response queue of that depth (rclpy's default is 10)."""
+
+    def __init__(self, node: Node, executor: SingleThreadedExecutor, depth: int):
+        self.node, self.executor = node, executor
+        qos = QoSProfile(depth=depth) if depth else None
+        self.service_qos = {"qos_profile": qos} if qos else {}
+        self.action_qos = ({f"{kind}_service_qos_profile": qos
+                            for kind in ("goal", "result", "cancel")} if qos else {})
+
+    def _on_executor(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        task = self.executor.create_task(fn, *args, **kwargs)
+        if not wait_until(task.done, 30):
+            raise RuntimeError("the executor thread does not run tasks")
+        return task.result()
+
+    def service(self, name: str) -> Any:
+        client = self._on_executor(self.node.create_client, Query, name, **self.service_qos)
+        assert client.wait_for_service(timeout_sec=60), f"{name} did not come up"
+        return client
+
+    def action(self, name: str) -> Any:
+        client = self._on_executor(ActionClient, self.node, Ask, name, **self.action_qos)
+        assert client.wait_for_server(timeout_sec=60), f"{name} did not come up"
+        return client
+
+
+def start_node(ns: str, pending: int, model: str = "builtin:tiny") -> subprocess.Popen:
+    return subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "llava-phi-assistant"), "--ros-args",
+         "-r", f"__ns:=/{ns}", "-p", f"model_path:={model}", "-p", "max_image_age_s:=0.0",
+         "-p", f"max_pending_queries:={pending}", "--log-level", "warn"],
+        stderr=subprocess.PIPE, text=True)
+
+
+def feed_frame(make: Clients, ns: str) -> None:
     """Publish a frame until a query about it succeeds."""
-    pub = node.create_publisher(Image, f"/{ns}/camera/image_raw", qos_profile_sensor_data)
-    client = node.create_client(Query, f"/{ns}/llava_phi/query")
-    assert client.wait_for_service(timeout_sec=60), "the node did not come up"
+    pub = make.node.create_publisher(Image, f"/{ns}/camera/image_raw", qos_profile_sensor_data)
+    client = make.service(f"/{ns}/llava_phi/query")
     frame = rgb_to_image_msg(np.full((336, 336, 3), 200, np.uint8), Header(frame_id="cam"))
+    frame.header.stamp.sec = 7
     last = "no response"
     for _ in range(200):
-        frame.header.stamp.sec = 7
         pub.publish(frame)
         future = client.call_async(Query.Request(question=QUESTION, max_new_tokens=1))
         if wait_until(future.done, 2.0):
@@ -83,19 +107,13 @@ def feed_frame(node: Node, ns: str) -> None:
     raise RuntimeError(f"the node never answered about a frame ({last})")
 
 
-def query_burst(node: Node, ns: str, n: int, wait_s: float) -> tuple[Counter, list[float]]:
-    clients = [node.create_client(Query, f"/{ns}/llava_phi/query", **CLIENT_QOS) for _ in range(n)]
-    for client in clients:
-        assert client.wait_for_service(timeout_sec=60)
-    time.sleep(SETTLE_S)
-    starts, futures = [], []
-    for client in clients:
-        starts.append(time.perf_counter())
-        futures.append(client.call_async(Query.Request(question=QUESTION, max_new_tokens=8)))
+def query_burst(make: Clients, ns: str, n: int, wait_s: float) -> tuple[Counter, list[float]]:
+    clients = [make.service(f"/{ns}/llava_phi/query") for _ in range(n)]
+    futures = [c.call_async(Query.Request(question=QUESTION, max_new_tokens=8)) for c in clients]
     wait_until(lambda: all(f.done() for f in futures), wait_s)
     counts: Counter = Counter()
     latencies = []
-    for start, future in zip(starts, futures, strict=True):
+    for future in futures:
         if not future.done():
             counts["LOST"] += 1
         elif future.result().success:
@@ -106,11 +124,8 @@ def query_burst(node: Node, ns: str, n: int, wait_s: float) -> tuple[Counter, li
     return counts, latencies
 
 
-def goal_burst(node: Node, ns: str, n: int, wait_s: float) -> Counter:
-    clients = [ActionClient(node, Ask, f"/{ns}/llava_phi/ask", **ACTION_QOS) for _ in range(n)]
-    for client in clients:
-        assert client.wait_for_server(timeout_sec=60)
-    time.sleep(SETTLE_S)
+def goal_burst(make: Clients, ns: str, n: int, wait_s: float) -> Counter:
+    clients = [make.action(f"/{ns}/llava_phi/ask") for _ in range(n)]
     sent = [c.send_goal_async(Ask.Goal(question=QUESTION, max_new_tokens=8)) for c in clients]
     wait_until(lambda: all(f.done() for f in sent), wait_s)
     counts: Counter = Counter()
@@ -133,13 +148,13 @@ def goal_burst(node: Node, ns: str, n: int, wait_s: float) -> Counter:
     return counts
 
 
-def shutdown_run(node: Node, pending: int, wait_s: float) -> None:
+def shutdown_run(make: Clients, pending: int, wait_s: float) -> None:
+    """SIGTERM while a goal streams and `pending` queries wait behind it."""
     ns = "bench_shutdown"
     proc = start_node(ns, pending, "builtin:random-tiny")  # random weights: answers run long
     try:
-        feed_frame(node, ns)
-        action = ActionClient(node, Ask, f"/{ns}/llava_phi/ask")
-        assert action.wait_for_server(timeout_sec=60)
+        feed_frame(make, ns)
+        action = make.action(f"/{ns}/llava_phi/ask")
         feedback: list = []
         sent = action.send_goal_async(Ask.Goal(question="Describe the scene.",
                                                max_new_tokens=600),
@@ -147,8 +162,7 @@ def shutdown_run(node: Node, pending: int, wait_s: float) -> None:
         wait_until(sent.done, wait_s)
         result = sent.result().get_result_async()
         wait_until(lambda: feedback, wait_s)
-        client = node.create_client(Query, f"/{ns}/llava_phi/query")
-        assert client.wait_for_service(timeout_sec=60)
+        client = make.service(f"/{ns}/llava_phi/query")
         queued = [client.call_async(Query.Request(question=QUESTION, max_new_tokens=400))
                   for _ in range(pending)]
         time.sleep(0.3)
@@ -157,8 +171,9 @@ def shutdown_run(node: Node, pending: int, wait_s: float) -> None:
         _, stderr = proc.communicate(timeout=60)
         exit_s = time.monotonic() - start
         wait_until(lambda: result.done() and all(f.done() for f in queued), wait_s)
-        codes = Counter(f.result().error_code if f.done() else "LOST" for f in queued)
-        goal = (f"{result.result().result.error_code} after "
+        codes = Counter((f.result().error_code or "answered") if f.done() else "LOST"
+                        for f in queued)
+        goal = (f"{result.result().result.error_code or 'answered'} after "
                 f"{result.result().result.answer.tokens_generated} tokens"
                 if result.done() else "LOST")
         print(f"SIGTERM with a streaming goal and {pending} queued queries: exit code "
@@ -175,6 +190,8 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--pending", type=int, default=4, help="max_pending_queries")
     parser.add_argument("--wait-s", type=float, default=60.0)
+    parser.add_argument("--client-depth", type=int, default=0,
+                        help="response queue depth of each client (0: rclpy's default, 10)")
     args = parser.parse_args()
     rclpy.init()
     node = Node("bench_reliability")
@@ -182,29 +199,28 @@ def main() -> int:
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
+    make = Clients(node, executor, args.client_depth)
     procs = []
     try:
-        print(f"builtin:tiny, max_pending_queries {args.pending}, node and clients in separate "
-              f"processes, {os.cpu_count()} CPUs")
-        for pending in sorted({args.pending, max(args.bursts)}):
+        print(f"builtin:tiny, node and clients in separate processes, client response depth "
+              f"{args.client_depth or 'default (10)'}, {os.cpu_count()} CPUs")
+        for pending in (args.pending, max(args.bursts)):
             ns = f"bench_q{pending}"
             procs.append(start_node(ns, pending))
-            feed_frame(node, ns)
+            feed_frame(make, ns)
             for n in args.bursts:
-                if pending < args.pending:
-                    continue
-                counts, lat = query_burst(node, ns, n, args.wait_s)
-                p = np.percentile(lat, [50, 99]) if lat else [0, 0]
+                counts, lat = query_burst(make, ns, n, args.wait_s)
+                p50, p99 = np.percentile(lat, [50, 99]) if lat else (0.0, 0.0)
                 print(f"queue {pending:4d}: {n:4d} queries at once -> {dict(counts)}; answered "
-                      f"total_ms p50 {p[0]:.0f} p99 {p[1]:.0f}")
+                      f"total_ms p50 {p50:.0f} p99 {p99:.0f}")
                 print(f"queue {pending:4d}: {n:4d} goals at once   -> "
-                      f"{dict(goal_burst(node, ns, n, args.wait_s))}")
-        shutdown_run(node, args.pending, args.wait_s)
+                      f"{dict(goal_burst(make, ns, n, args.wait_s))}")
+        shutdown_run(make, args.pending, args.wait_s)
         return 0
     finally:
         for proc in procs:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.communicate(timeout=30)
         executor.shutdown()
         spinner.join(timeout=10)
         node.destroy_node()

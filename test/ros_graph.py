@@ -21,6 +21,7 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
+from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -94,6 +95,18 @@ class Graph:
             wait_for(lambda: node.core is None or node.core.model_loaded, timeout_s=60,
                      what=f"{namespace}: model loaded")
         return node
+
+    def on_executor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) run on the executor thread; its result."""
+        task = self.executor.create_task(fn, *args)
+        wait_for(task.done, what=f"{getattr(fn, '__name__', fn)} on the executor thread")
+        return task.result()
+
+    def action_client(self, action_type: Any, name: str) -> ActionClient:
+        """An ActionClient of the test client node, made on the executor thread: rclpy's
+        ActionClient registers itself with the node before it is initialised, so one made while
+        another thread spins can kill the executor (AttributeError: no attribute '_lock')."""
+        return self.on_executor(ActionClient, self.client, action_type, name)
 
     def publisher(self, topic: str, msg_type: Any = Image, qos: Any = None):
         key = (topic, msg_type.__name__)

@@ -24,7 +24,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters
-from rclpy.action import ActionClient
 from rclpy.parameter import Parameter
 
 from llava_phi_ros.action import Ask
@@ -148,7 +147,7 @@ def test_a_burst_of_action_goals_ends_every_goal(graph, direct, pending):
     rgb = scene(100 + pending)
     graph.publish_frame(node, "camera", image_msg(rgb, t=20.0))
     name = f"{node.get_fully_qualified_name()}/ask"
-    clients = [ActionClient(graph.client, Ask, name) for _ in range(N_BURST)]
+    clients = [graph.action_client(Ask, name) for _ in range(N_BURST)]
     for client in clients:
         assert client.wait_for_server(timeout_sec=20)
     questions = [f"Goal number {i}?" for i in range(N_BURST)]
@@ -288,7 +287,7 @@ def test_a_signal_answers_every_client_and_exits_0(graph, signum):
             return False
 
         wait_for(answering, 60, "the node answering")
-        action = ActionClient(graph.client, Ask, f"/{ns}/llava_phi/ask")
+        action = graph.action_client(Ask, f"/{ns}/llava_phi/ask")
         assert action.wait_for_server(timeout_sec=20)
         feedback = []
         sent = action.send_goal_async(Ask.Goal(question="Describe it.", max_new_tokens=500),
@@ -382,7 +381,7 @@ def test_a_backend_failure_mid_decode_is_model_error_and_the_node_serves_on(grap
     response = graph.query(node, question="Please explode.", max_new_tokens=20)
     assert response.error_code == R.MODEL_ERROR and "decode_step" in response.message
     assert response.answer.finish_reason == "error"
-    client = ActionClient(graph.client, Ask, f"{node.get_fully_qualified_name()}/ask")
+    client = graph.action_client(Ask, f"{node.get_fully_qualified_name()}/ask")
     assert client.wait_for_server(timeout_sec=20)
     sent = client.send_goal_async(Ask.Goal(question="Please explode as a goal.", max_new_tokens=20))
     handle = wait_for(lambda: sent.done() and sent.result(), what="goal accepted")

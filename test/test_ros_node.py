@@ -19,7 +19,6 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from PIL import Image as PILImage
 from rcl_interfaces.srv import SetParameters
-from rclpy.action import ActionClient
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
@@ -243,7 +242,7 @@ def test_timeout(graph):
 
 
 def test_action_streams_tokens_and_cancels_within_a_token(graph, slow):
-    client = ActionClient(graph.client, Ask, f"{slow.get_fully_qualified_name()}/ask")
+    client = graph.action_client(Ask, f"{slow.get_fully_qualified_name()}/ask")
     assert client.wait_for_server(timeout_sec=20)
     feedback = []
     goal = client.send_goal_async(Ask.Goal(question="Describe it.", max_new_tokens=100),
@@ -268,7 +267,7 @@ def test_action_streams_tokens_and_cancels_within_a_token(graph, slow):
 
 
 def test_action_refusals(graph, slow):
-    client = ActionClient(graph.client, Ask, f"{slow.get_fully_qualified_name()}/ask")
+    client = graph.action_client(Ask, f"{slow.get_fully_qualified_name()}/ask")
     assert client.wait_for_server(timeout_sec=20)
     goal = client.send_goal_async(Ask.Goal(question="q", camera="nowhere"))
     handle = wait_for(lambda: goal.done() and goal.result(), what="goal response")
