@@ -564,6 +564,7 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
     latency = stats.get("latency", {})
     out.append(status("queries", DiagnosticStatus.OK, "ok",
                       {"queue_depth": stats.get("queue_depth"), "running": stats.get("running"),
+                       "answers": stats.get("answers"),
                        "sessions": stats.get("sessions"), **{f"latency_{k}": v for k, v in
                                                               latency.items()},
                        **{f"errors_{k}": v for k, v in stats.get("errors", {}).items()}}))
