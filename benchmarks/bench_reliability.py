@@ -29,6 +29,7 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
@@ -79,6 +80,27 @@ class Clients:
         client = self._on_executor(ActionClient, self.node, Ask, name, **self.action_qos)
         assert client.wait_for_server(timeout_sec=60), f"{name} did not come up"
         return client
+
+
+class NodeCounters:
+    """The node's own count of requests it answered or refused, from /diagnostics (1 Hz)."""
+
+    def __init__(self, node: Node):
+        self.latest: dict[str, dict[str, str]] = {}
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.endswith(": queries"):
+                self.latest[status.hardware_id] = {kv.key: kv.value for kv in status.values}
+
+    def handled(self, ns: str) -> int:
+        """Answers plus refusals so far, as of a diagnostics message newer than this call."""
+        self.latest.pop(f"/{ns}/llava_phi", None)
+        wait_until(lambda: f"/{ns}/llava_phi" in self.latest, 10)
+        values = self.latest[f"/{ns}/llava_phi"]
+        return int(values["answers"]) + sum(int(v) for k, v in values.items()
+                                            if k.startswith("errors_"))
 
 
 def start_node(ns: str, pending: int, model: str = "builtin:tiny") -> subprocess.Popen:
@@ -197,6 +219,7 @@ def main() -> int:
     node = Node("bench_reliability")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    counters = NodeCounters(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     make = Clients(node, executor, args.client_depth)
@@ -209,10 +232,13 @@ def main() -> int:
             procs.append(start_node(ns, pending))
             feed_frame(make, ns)
             for n in args.bursts:
+                before = counters.handled(ns)
                 counts, lat = query_burst(make, ns, n, args.wait_s)
+                handled = counters.handled(ns) - before
                 p50, p99 = np.percentile(lat, [50, 99]) if lat else (0.0, 0.0)
-                print(f"queue {pending:4d}: {n:4d} queries at once -> {dict(counts)}; answered "
-                      f"total_ms p50 {p50:.0f} p99 {p99:.0f}")
+                print(f"queue {pending:4d}: {n:4d} queries at once -> {dict(counts)}; the node "
+                      f"answered or refused {handled}; answered total_ms p50 {p50:.0f} "
+                      f"p99 {p99:.0f}")
                 print(f"queue {pending:4d}: {n:4d} goals at once   -> "
                       f"{dict(goal_burst(make, ns, n, args.wait_s))}")
         shutdown_run(make, args.pending, args.wait_s)

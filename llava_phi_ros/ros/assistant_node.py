@@ -172,8 +172,8 @@ class AssistantNode(LifecycleNode):
             self.declare_parameter(spec.name, value, descriptor(spec), ignore_override=True)
         try:
             parameters.check_together(self._values())
-        except parameters.ParameterError as exc:
-            errors["request_queue_depth"] = str(exc)
+        except parameters.ParameterError as exc:  # filed under the one `param set` can fix
+            errors["max_pending_queries"] = str(exc)
         for why in errors.values():
             self.get_logger().error(f"parameter refused, default kept: {why}")
         return errors
