@@ -68,6 +68,7 @@ ERROR_CODES = (NO_IMAGE, STALE_IMAGE, STAMP_OUT_OF_RANGE, UNKNOWN_CAMERA, BAD_IM
                UNKNOWN_SESSION, CONTEXT_OVERFLOW, BUSY, TIMEOUT, CANCELLED, NOT_READY, MODEL_ERROR)
 
 LATENCY_WINDOW = 100  # answers kept for the latency statistics
+LOADER_THREAD = "llava_phi_loader"  # the name of start_loading()'s thread
 ENDED_SESSIONS_REMEMBERED = 1024  # expired/evicted session ids that still get UNKNOWN_SESSION
 _MIB = 1024 * 1024
 
@@ -424,6 +425,7 @@ class AssistantCore:
         self._model: VisionLanguageModel | None = None
         self._loading_since: float | None = None  # steady clock, while start_loading() runs
         self._load_token: object | None = None  # identifies the current background load
+        self._loader: threading.Thread | None = None
         self._active = False
         self._queue: deque[Job] = deque()
         self._running: Job | None = None
@@ -479,7 +481,8 @@ class AssistantCore:
             if current and on_done is not None:
                 on_done(error)
 
-        threading.Thread(target=run, name="llava_phi_loader", daemon=True).start()
+        self._loader = threading.Thread(target=run, name=LOADER_THREAD, daemon=True)
+        self._loader.start()
 
     def _install_locked(self, model: VisionLanguageModel) -> None:
         """Adopt a loaded model and start its worker (caller holds _lock)."""
@@ -511,6 +514,9 @@ class AssistantCore:
             self._active = False
         self._abort_jobs(why, stop_worker=False)
         self.unload_model(join_timeout_s)
+        loader = self._loader
+        if loader is not None and loader is not threading.current_thread():
+            loader.join(join_timeout_s)  # an abandoned load: its model is dropped when it ends
 
     def update_settings(self, settings: AssistantSettings) -> None:
         """Apply new live settings at once; the cameras cannot change here (they need a reload).

@@ -167,9 +167,11 @@ def test_a_burst_of_action_goals_ends_every_goal(graph, direct, pending):
         assert len(accepted) == N_BURST
 
 
-def start_node_process(ns: str, token_delay_s: float, *params: str) -> subprocess.Popen:
+def start_node_process(ns: str, token_delay_s: float, *params: str,
+                       load_delay_s: float = 0.0) -> subprocess.Popen:
     """The node's own main() in another process (test/slow_node.py), random toy model."""
-    args = [sys.executable, str(REPO / "test" / "slow_node.py"), str(token_delay_s), "--ros-args",
+    args = [sys.executable, str(REPO / "test" / "slow_node.py"), str(token_delay_s),
+            str(load_delay_s), "--ros-args",
             "-r", f"__ns:=/{ns}", "-p", "model_path:=builtin:random-tiny",
             "-p", "max_image_age_s:=0.0"]
     for param in params:
@@ -356,6 +358,25 @@ def test_a_signal_answers_every_client_and_exits_0(graph, signum):
         for future in queued:
             response = wait_for(lambda f=future: f.done() and f.result(), 10, "a queued reply")
             assert response.error_code == R.NOT_READY and "shutting down" in response.message
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_signal_while_the_model_loads_exits_0_at_once(graph):
+    proc = start_node_process("shutdown_loading", 0.0, load_delay_s=60.0)  # a Jetson-long load
+    try:
+        query = graph.client.create_client(Query, "/shutdown_loading/llava_phi/query")
+        assert query.wait_for_service(timeout_sec=60)
+        future = query.call_async(R(question="Ready?"))
+        response = wait_for(lambda: future.done() and future.result(), 30, "a reply")
+        assert response.error_code == R.NOT_READY and "loading" in response.message
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and time.monotonic() - start < 4.0, stderr[-3000:]
+        assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -624,6 +625,13 @@ def main(args: list[str] | None = None, model_loader: ModelLoader | None = None)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+    if any(t.name == core.LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        # Stopped while a model was still loading (30-60 s on a Jetson): every request is
+        # answered and ROS is shut down, but the interpreter would abort at exit on the thread
+        # still inside torch ("terminate called without an active exception"). Exit now, 0.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

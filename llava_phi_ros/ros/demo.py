@@ -109,20 +109,20 @@ def _stamp(msg) -> str:
     return f"{msg.sec}.{msg.nanosec:09d}"
 
 
-def run_planner(planner: Node, camera: CameraPublisher, out=sys.stdout) -> int:
+def run_planner(query, ask, camera: CameraPublisher, out=sys.stdout) -> int:
     """Ask a few questions over the service and the action; print each grounded answer."""
-    query = planner.create_client(Query, "llava_phi/query")
-    ask = ActionClient(planner, Ask, "llava_phi/ask")
     if not query.wait_for_service(timeout_sec=30.0) or not ask.wait_for_server(timeout_sec=30.0):
         print("demo: the assistant did not come up", file=sys.stderr)
         return 1
     failures = 0
     for question, choices, key in QUESTIONS:
         response = None
-        for _ in range(50):  # the first frames may still be on their way
+        # The model may still be loading (NOT_READY) and the first frames on their way.
+        for _ in range(300):
             response = _wait(query.call_async(Query.Request(question=question,
                                                             choices=list(choices))))
-            if response is None or response.error_code != Query.Request.NO_IMAGE:
+            if response is None or response.error_code not in (Query.Request.NO_IMAGE,
+                                                               Query.Request.NOT_READY):
                 break
             time.sleep(0.2)
         if response is None or not response.success:
@@ -194,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: warning: {BUILTIN_WARNINGS[args.model]}", file=sys.stderr)
         camera = CameraPublisher()
         planner = Node("demo_planner")
+        # Made before the executor spins: rclpy's ActionClient registers itself with the node
+        # before it is initialised, so one made while another thread spins can kill the executor.
+        query = planner.create_client(Query, "llava_phi/query")
+        ask = ActionClient(planner, Ask, "llava_phi/ask")
         nodes = [assistant, camera, planner]
         for node in nodes:
             executor.add_node(node)
         spinner.start()
-        return run_planner(planner, camera)
+        return run_planner(query, ask, camera)
     finally:
         executor.shutdown()
         if spinner.is_alive():
