@@ -167,6 +167,20 @@ def test_a_burst_of_action_goals_ends_every_goal(graph, direct, pending):
         assert len(accepted) == N_BURST
 
 
+def first_reply(client, request, timeout_s: float = 60.0):
+    """The reply to a request sent again every 2 s until one comes: a reply to a client that the
+    node's process is still discovering can miss it (DDS matching), so never wait on one call."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        future = client.call_async(request)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            if future.done():
+                return future.result()
+            time.sleep(0.01)
+    raise AssertionError(f"no reply within {timeout_s} s")
+
+
 def start_node_process(ns: str, token_delay_s: float, *params: str,
                        load_delay_s: float = 0.0) -> subprocess.Popen:
     """The node's own main() in another process (test/slow_node.py), random toy model."""
@@ -197,9 +211,7 @@ def test_a_burst_from_another_process_is_answered_or_refused_busy(graph, direct)
 
         def answering() -> bool:
             pub.publish(image_msg(rgb, t=90.0))
-            future = clients[0].call_async(R(question="Ready?", max_new_tokens=1))
-            wait_for(future.done, 30, "a reply")
-            return future.result().success
+            return first_reply(clients[0], R(question="Ready?", max_new_tokens=1)).success
 
         wait_for(answering, 60, "the node answering")
         questions = [f"Question number {i}?" for i in range(N_BURST)]
@@ -325,13 +337,7 @@ def test_a_signal_answers_every_client_and_exits_0(graph, signum):
 
         def answering() -> bool:
             pub.publish(msg)
-            future = query.call_async(R(question="Ready?", max_new_tokens=1))
-            deadline = time.monotonic() + 2.0  # a reply to a client still being discovered can
-            while time.monotonic() < deadline:  # miss it (DDS matching): ask again, not forever
-                if future.done():
-                    return future.result().success
-                time.sleep(0.01)
-            return False
+            return first_reply(query, R(question="Ready?", max_new_tokens=1)).success
 
         wait_for(answering, 60, "the node answering")
         action = graph.action_client(Ask, f"/{ns}/llava_phi/ask")
@@ -369,8 +375,7 @@ def test_a_signal_while_the_model_loads_exits_0_at_once(graph):
     try:
         query = graph.client.create_client(Query, "/shutdown_loading/llava_phi/query")
         assert query.wait_for_service(timeout_sec=60)
-        future = query.call_async(R(question="Ready?"))
-        response = wait_for(lambda: future.done() and future.result(), 30, "a reply")
+        response = first_reply(query, R(question="Ready?"))
         assert response.error_code == R.NOT_READY and "loading" in response.message
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
