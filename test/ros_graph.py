@@ -21,6 +21,8 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
@@ -29,12 +31,15 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from llava_phi_ros.pipeline import VisionLanguageModel  # noqa: E402
 from llava_phi_ros.ros.assistant_node import AssistantNode  # noqa: E402
 from llava_phi_ros.ros.image_conversion import (  # noqa: E402
     rgb_to_compressed_msg,
     rgb_to_encoding,
 )
 from llava_phi_ros.srv import Query  # noqa: E402
+
+from .doubles import SlowModel  # noqa: E402
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition"):
@@ -64,6 +69,30 @@ def image_msg(rgb: np.ndarray, encoding: str = "rgb8", t: float = 1.0,
 def compressed_msg(rgb: np.ndarray, fmt: str, t: float = 1.0,
                    frame_id: str = "cam_optical") -> CompressedImage:
     return rgb_to_compressed_msg(rgb, Header(stamp=stamp(t), frame_id=frame_id), fmt=fmt)
+
+
+def slow_loader(token_delay_s: float = 0.05) -> Callable[[dict], SlowModel]:
+    """A node model loader: the parameters' model wrapped in SlowModel (each token +delay)."""
+    def load(values: dict) -> SlowModel:
+        return SlowModel(VisionLanguageModel.load(values["model_path"]), token_delay_s)
+
+    return load
+
+
+def ask_ok(graph: Graph, node: AssistantNode, **fields: Any) -> Any:
+    """A ~/query response that must be a success."""
+    response = graph.query(node, **fields)
+    assert response.success, (response.error_code, response.message)
+    return response
+
+
+def change_state(graph: Graph, node: AssistantNode, transition_id: int) -> bool:
+    """Trigger a lifecycle transition over the node's change_state service; its success."""
+    client = graph.client.create_client(ChangeState,
+                                        f"{node.get_fully_qualified_name()}/change_state")
+    assert client.wait_for_service(timeout_sec=20)
+    future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+    return wait_for(lambda: future.done() and future.result(), timeout_s=60).success
 
 
 class Graph:

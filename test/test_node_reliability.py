@@ -22,7 +22,6 @@ import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
@@ -32,8 +31,8 @@ from llava_phi_ros.model.generation import GenerationConfig
 from llava_phi_ros.pipeline import VisionLanguageModel
 from llava_phi_ros.srv import Query
 
-from .doubles import SlowModel, fail_decode_after
-from .ros_graph import Graph, image_msg, stamp, wait_for
+from .doubles import fail_decode_after
+from .ros_graph import Graph, ask_ok, change_state, image_msg, slow_loader, stamp, wait_for
 
 R = Query.Request
 REPO = Path(__file__).resolve().parents[1]
@@ -57,13 +56,6 @@ def direct():
     return VisionLanguageModel.load("builtin:random-tiny")
 
 
-def slow_loader(token_delay_s: float):
-    def load(values):
-        return SlowModel(VisionLanguageModel.load(values["model_path"]), token_delay_s)
-
-    return load
-
-
 def now_s(node) -> float:
     return node.get_clock().now().nanoseconds / 1e9
 
@@ -83,17 +75,6 @@ def set_params(graph, node, **values):
     client = service(graph, node, SetParameters, "set_parameters")
     return call(client, SetParameters.Request(parameters=[
         Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])).results
-
-
-def change_state(graph, node, transition_id: int) -> bool:
-    return call(service(graph, node, ChangeState, "change_state"),
-                ChangeState.Request(transition=Transition(id=transition_id))).success
-
-
-def ask_ok(graph, node, **fields):
-    response = graph.query(node, **fields)
-    assert response.success, (response.error_code, response.message)
-    return response
 
 
 # ----- bursts: every request ends, none lost -----------------------------------------------------

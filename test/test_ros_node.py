@@ -16,7 +16,6 @@ import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
 from PIL import Image as PILImage
 from rcl_interfaces.srv import SetParameters
 from rosgraph_msgs.msg import Clock
@@ -29,8 +28,16 @@ from llava_phi_ros.msg import Answer
 from llava_phi_ros.pipeline import VisionLanguageModel
 from llava_phi_ros.srv import Query
 
-from .doubles import SlowModel
-from .ros_graph import Graph, compressed_msg, image_msg, stamp, wait_for
+from .ros_graph import (
+    Graph,
+    ask_ok,
+    change_state,
+    compressed_msg,
+    image_msg,
+    slow_loader,
+    stamp,
+    wait_for,
+)
 
 QUESTION = "What colour is the square?"
 CHOICES = ["red", "blue", "green"]
@@ -68,12 +75,6 @@ def direct_choice_logprobs(direct, rgb):
 
 def assert_close(a, b, tol=1e-4):
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < tol, (a, b)
-
-
-def ask_ok(graph, node, **fields):
-    response = graph.query(node, **fields)
-    assert response.success, (response.error_code, response.message)
-    return response
 
 
 # ----- images in ----------------------------------------------------------------------------
@@ -204,14 +205,6 @@ def test_sim_time_drives_ages_and_a_backwards_jump_clears(graph):
 
 
 # ----- slow generation: BUSY, TIMEOUT, CANCELLED, streaming, intake --------------------------
-def slow_loader(token_delay_s: float = 0.05):
-    """A model loader giving the parameters' model wrapped in SlowModel (each token +delay)."""
-    def load(values):
-        return SlowModel(VisionLanguageModel.load(values["model_path"]), token_delay_s)
-
-    return load
-
-
 @pytest.fixture(scope="module")
 def slow(graph):
     node = graph.assistant("slow", model_loader=slow_loader(), max_pending_queries=1,
@@ -342,14 +335,6 @@ def test_eight_clients_five_queries_each(graph, node, direct):
 
 
 # ----- lifecycle and diagnostics ---------------------------------------------------------------
-def change_state(graph, node, transition_id: int) -> bool:
-    client = graph.client.create_client(ChangeState,
-                                        f"{node.get_fully_qualified_name()}/change_state")
-    assert client.wait_for_service(timeout_sec=20)
-    future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
-    return wait_for(lambda: future.done() and future.result(), timeout_s=60).success
-
-
 def test_lifecycle_not_ready_and_reload_another_model(graph, tmp_path_factory):
     from llava_phi_ros.model.builtin import build_random_tiny
     from llava_phi_ros.model.checkpoint import save_canonical
