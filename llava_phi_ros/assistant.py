@@ -496,10 +496,11 @@ class AssistantCore:
     def unload_model(self, join_timeout_s: float | None = None) -> None:
         """Stop the worker (waiting/running jobs resolve NOT_READY), free the model and caches;
         abandon a load in progress. Sessions end too (their history came from the model)."""
-        self._abort_jobs("the model was unloaded", stop_worker=True, join_timeout_s=join_timeout_s)
-        with self._lock:
+        with self._lock:  # first: from here no load can install and no request is accepted
             self._model = None
             self._loading_since = self._load_token = None
+        self._abort_jobs("the model was unloaded", stop_worker=True, join_timeout_s=join_timeout_s)
+        with self._lock:
             for sid in list(self._sessions):
                 self._end_session(sid, "the model was unloaded")
         self._clear_cache()
@@ -799,9 +800,9 @@ class AssistantCore:
         return _Session(sid, self._select_frame(request)), True
 
     def _history(self, session: _Session) -> list[tuple[str, str]]:
-        """A snapshot of a session's finished turns."""
+        """A snapshot of a session's finished turns (the last max_session_turns of them)."""
         with self._lock:
-            return list(session.history)
+            return list(session.history[-self.settings.max_session_turns:])
 
     def _expire_sessions(self) -> None:
         """End sessions idle longer than session_ttl_s (caller holds _lock)."""
@@ -911,7 +912,8 @@ class AssistantCore:
         with self._lock:
             if code == "" and job._session is not None:
                 self._record_turn(job._session, job.request.question, answer.text)
-            self._running = None
+            if self._running is job:  # a worker abandoned at unload must not clear its successor's
+                self._running = None
             outcome = self._finish_locked(job, code, message, answer)
             self._lock.notify_all()
         job._resolve(outcome)

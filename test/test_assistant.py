@@ -1024,7 +1024,8 @@ def test_unloading_abandons_a_load_in_progress(model: VisionLanguageModel) -> No
     assert not core.loading
     release.set()
     assert finished.wait(WAIT)
-    time.sleep(0.05)  # the loader thread finishes its bookkeeping after the loader returns
+    core._loader.join(WAIT)  # the loader thread's bookkeeping after the loader returned
+    assert not core._loader.is_alive()
     assert not core.model_loaded and ended == []
     core.shutdown()
 
@@ -1047,3 +1048,14 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = WAIT) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+def test_a_lower_max_session_turns_applies_to_the_next_turn(make: Callable[..., Harness]) -> None:
+    h = make(max_session_turns=8)
+    h.add()
+    for i in range(3):
+        assert h.ask(f"Turn {i}?", session_id="s", max_new_tokens=2).success
+    assert len(h.spy.histories[-1]) == 2
+    h.core.update_settings(AssistantSettings(max_session_turns=1))
+    assert h.ask("Turn 3?", session_id="s", max_new_tokens=2).success
+    assert len(h.spy.histories[-1]) == 1  # not the three stored turns

@@ -62,7 +62,7 @@ from .image_conversion import (
 from .launch_support import NODE_NAME
 
 ModelLoader = Callable[[dict[str, Any]], Any]  # parameter values -> a VisionLanguageModel
-SHUTDOWN_GRACE_S = 3.0  # how long shutdown keeps spinning to deliver the last responses
+SHUTDOWN_GRACE_S = 2.5  # how long shutdown waits for the request callbacks to finish
 WORKER_JOIN_S = 1.0  # how long shutdown waits for the worker to leave its current step
 
 
@@ -112,7 +112,8 @@ class AssistantNode(LifecycleNode):
         self._active = False
         self._shutting_down = False
         self._requests_in_flight = 0  # service and action callbacks not finished yet
-        self._load_error: BaseException | None = None  # set by the loader thread
+        # (core, error or None) from the loader thread, handed to the executor
+        self._load_outcome: tuple[core.AssistantCore, BaseException | None] | None = None
         self._camera_subscriptions: list[Any] = []
         # Action goals keyed by id() of the goal message, which rclpy hands to the goal callback
         # and then to the goal handle: the job accepted at once, or why it was refused, and the
@@ -232,30 +233,31 @@ class AssistantNode(LifecycleNode):
             self._configure_error = f"configure failed: {exc}"
             self.get_logger().error(self._configure_error)
             return TransitionCallbackReturn.FAILURE
-        self.core, self._configure_error, self._load_error = assistant, "", None
+        self.core, self._configure_error = assistant, ""
         self._model_path = values["model_path"]
         self._subscribe(assistant.cameras, values["image_transport"], values["qos_reliable"])
-        assistant.start_loading(lambda: self._model_loader(values), self._on_loaded)
+        assistant.start_loading(lambda: self._model_loader(values),
+                                lambda error: self._on_loaded(assistant, error))
         self.get_logger().info(f"configured; loading {values['model_path']} "
                                f"({values['backend']} on {values['device']})")
         return TransitionCallbackReturn.SUCCESS
 
-    def _on_loaded(self, error: BaseException | None) -> None:
+    def _on_loaded(self, assistant: core.AssistantCore, error: BaseException | None) -> None:
         """Loader thread: hand the outcome to the executor."""
-        self._load_error = error
+        self._load_outcome = (assistant, error)
         self._load_done.trigger()
 
     def _after_load(self) -> None:
         """Executor: log the loaded model, or go back to unconfigured with the reason."""
-        assistant, error = self.core, self._load_error
-        if assistant is None:
+        outcome, self._load_outcome = self._load_outcome, None
+        if outcome is None or outcome[0] is not self.core:  # a core since cleaned up
             return
+        assistant, error = outcome
         if error is None:
             self.get_logger().info(f"model loaded: {assistant.model_id}")
             if self._model_path in BUILTIN_WARNINGS:
                 self.get_logger().warning(BUILTIN_WARNINGS[self._model_path])
             return
-        self._load_error = None
         reason = f"loading the model failed: {type(error).__name__}: {error}"
         self.get_logger().error(reason)
         if self._active:
@@ -487,8 +489,13 @@ class AssistantNode(LifecycleNode):
                                                               refused.message, None))
                 goal_handle.abort()
                 return result
+            job = self._goal_jobs.get(key)
+            if job is None:  # cannot happen with rclpy's ActionServer; never leave a goal hanging
+                self._fill_response(result, core.QueryOutcome(
+                    False, core.MODEL_ERROR, "the goal's request was not found", None))
+                goal_handle.abort()
+                return result
             self._goal_handles[key] = goal_handle
-            job = self._goal_jobs[key]
             if goal_handle.is_cancel_requested:
                 job.cancel()
             try:
@@ -592,7 +599,7 @@ def spin_until_shutdown(node: AssistantNode, executor: Any, stop: threading.Even
         executor.spin_once(timeout_sec=0.05)
     # The last responses and action results are sent from tasks that run after the callbacks
     # return (result requests); a short spin delivers them before the node goes away.
-    flush_until = min(deadline, time.monotonic() + 0.3)
+    flush_until = time.monotonic() + 0.3
     while time.monotonic() < flush_until:
         executor.spin_once(timeout_sec=0.05)
 
