@@ -447,8 +447,7 @@ class AssistantCore:
     def load_model(self, loader: Callable[[], VisionLanguageModel]) -> None:
         """Load a model (on the calling thread; exceptions propagate) and start the worker."""
         with self._lock:
-            if self._model is not None or self._loading_since is not None:
-                raise RuntimeError("a model is already loaded or loading; unload it first")
+            self._check_no_model_locked()
         model = loader()
         with self._lock:
             self._install_locked(model)
@@ -462,8 +461,7 @@ class AssistantCore:
         """
         token = object()
         with self._lock:
-            if self._model is not None or self._loading_since is not None:
-                raise RuntimeError("a model is already loaded or loading; unload it first")
+            self._check_no_model_locked()
             self._loading_since, self._load_token = self._monotonic(), token
 
         def run() -> None:
@@ -483,6 +481,11 @@ class AssistantCore:
 
         self._loader = threading.Thread(target=run, name=LOADER_THREAD, daemon=True)
         self._loader.start()
+
+    def _check_no_model_locked(self) -> None:
+        """RuntimeError while a model is loaded or loading (caller holds _lock)."""
+        if self._model is not None or self._loading_since is not None:
+            raise RuntimeError("a model is already loaded or loading; unload it first")
 
     def _install_locked(self, model: VisionLanguageModel) -> None:
         """Adopt a loaded model and start its worker (caller holds _lock)."""

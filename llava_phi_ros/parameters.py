@@ -231,11 +231,6 @@ def _spec(name: str) -> Param:
         raise ParameterError(f"unknown parameter {name!r}") from None
 
 
-def names(applies: str) -> tuple[str, ...]:
-    """The parameters that apply LIVE, at RELOAD or at STARTUP."""
-    return tuple(p.name for p in PARAMETERS if p.applies == applies)
-
-
 def markdown_table(params: Iterable[Param] = PARAMETERS) -> str:
     """The parameter table of config/README.md."""
     rows = ["| parameter | type | default | range | applies | what |",

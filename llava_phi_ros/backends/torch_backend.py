@@ -32,6 +32,9 @@ def check_device(device: str) -> torch.device:
         raise BackendError(f"unknown device {device!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BackendError(f"device {device!r} requested but this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

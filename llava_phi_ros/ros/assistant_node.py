@@ -533,17 +533,15 @@ def _check_model_path(model_path: str) -> None:
 
 
 def _check_device_exists(device: str) -> None:
-    """ValueError when a device is named that this machine does not have (e.g. cuda:99)."""
-    if not device.startswith("cuda"):
-        return
-    import torch
+    """ValueError when a device is named that this machine does not have (e.g. cuda:99): the
+    torch backend's own check, at `param set` and configure rather than at load."""
+    from ..backends.base import BackendError
+    from ..backends.torch_backend import check_device
 
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-    index = int(device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
-                         "device(s)")
+    try:
+        check_device(device)
+    except BackendError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
