@@ -46,7 +46,7 @@ import numpy as np
 from . import parameters
 from .model.generation import ContextOverflowError, GenerationConfig, expanded_length
 from .model.prompt import IMAGE_TOKEN, STOP_STRING, RequestError, strip_image_token
-from .pipeline import MAX_QUESTION_CHARS, EncodedImage, VisionLanguageModel, clean_choices
+from .pipeline import MAX_QUESTION_CHARS, AnsweringModel, EncodedImage, clean_choices
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class AssistantSettings:
     max_sessions: int = _D["max_sessions"]
     max_session_turns: int = _D["max_session_turns"]
     preencode_latest: bool = _D["preencode_latest"]
+    prefix_cache_mb: float = _D["prefix_cache_mb"]  # applied by the worker before each job
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> AssistantSettings:
@@ -306,7 +307,7 @@ class AnswerRecord:
     decode_tokens_per_s: float = 0.0
     total_ms: float = 0.0  # from acceptance to the answer
     prompt_tokens: int = 0  # positions the prompt filled (history and image included)
-    reused_prefix_tokens: int = 0  # prompt positions whose KV cache was kept from the last call
+    reused_prefix_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     session_id: str = ""
     frame: Frame | None = field(default=None, repr=False)
 
@@ -422,7 +423,7 @@ class AssistantCore:
         # resolves (done callbacks run synchronously inside set_result).
         self._lock = threading.Condition()
         self._submit_lock = threading.Lock()  # serialises submit(): session table consistency
-        self._model: VisionLanguageModel | None = None
+        self._model: AnsweringModel | None = None
         self._loading_since: float | None = None  # steady clock, while start_loading() runs
         self._load_token: object | None = None  # identifies the current background load
         self._loader: threading.Thread | None = None
@@ -444,7 +445,7 @@ class AssistantCore:
         self._answers = 0
 
     # ----- model lifecycle ---------------------------------------------------------------------
-    def load_model(self, loader: Callable[[], VisionLanguageModel]) -> None:
+    def load_model(self, loader: Callable[[], AnsweringModel]) -> None:
         """Load a model (on the calling thread; exceptions propagate) and start the worker."""
         with self._lock:
             self._check_no_model_locked()
@@ -452,7 +453,7 @@ class AssistantCore:
         with self._lock:
             self._install_locked(model)
 
-    def start_loading(self, loader: Callable[[], VisionLanguageModel],
+    def start_loading(self, loader: Callable[[], AnsweringModel],
                       on_done: Callable[[BaseException | None], None] | None = None) -> None:
         """Load on a background thread; meanwhile queries get NOT_READY ("loading").
 
@@ -476,6 +477,8 @@ class AssistantCore:
                     self._loading_since = self._load_token = None
                     if model is not None:
                         self._install_locked(model)
+            if not current and model is not None:
+                _close(model)  # abandoned: nobody will use it
             if current and on_done is not None:
                 on_done(error)
 
@@ -487,7 +490,7 @@ class AssistantCore:
         if self._model is not None or self._loading_since is not None:
             raise RuntimeError("a model is already loaded or loading; unload it first")
 
-    def _install_locked(self, model: VisionLanguageModel) -> None:
+    def _install_locked(self, model: AnsweringModel) -> None:
         """Adopt a loaded model and start its worker (caller holds _lock)."""
         self._model = model
         self._worker_stop = threading.Event()
@@ -497,16 +500,19 @@ class AssistantCore:
         self._lock.notify_all()
 
     def unload_model(self, join_timeout_s: float | None = None) -> None:
-        """Stop the worker (waiting/running jobs resolve NOT_READY), free the model and caches;
-        abandon a load in progress. Sessions end too (their history came from the model)."""
+        """Stop the worker (waiting/running jobs resolve NOT_READY), close the model (its device
+        memory is freed) and clear the caches; abandon a load in progress. Sessions end too
+        (their history came from the model)."""
         with self._lock:  # first: from here no load can install and no request is accepted
-            self._model = None
+            model, self._model = self._model, None
             self._loading_since = self._load_token = None
         self._abort_jobs("the model was unloaded", stop_worker=True, join_timeout_s=join_timeout_s)
         with self._lock:
             for sid in list(self._sessions):
                 self._end_session(sid, "the model was unloaded")
         self._clear_cache()
+        if model is not None:
+            _close(model)
 
     def shutdown(self, why: str = "the node is shutting down",
                  join_timeout_s: float | None = None) -> None:
@@ -651,13 +657,13 @@ class AssistantCore:
             ids = model.prompt_ids(request.question, history, self.settings.model_system_prompt)
         except RequestError as exc:
             self._refuse(BAD_REQUEST, str(exc))
-        n_positions = expanded_length(ids, model.backend.config.num_image_tokens)
-        if n_positions >= model.backend.max_context:
+        n_positions = expanded_length(ids, model.num_image_tokens)
+        if n_positions >= model.max_context:
             hint = " (start a new session: the history is too long)" if history else ""
             self._refuse(CONTEXT_OVERFLOW, f"the prompt needs {n_positions} positions "
                                            f"(image and {len(history)} earlier turns included); "
                                            f"the model's context has "
-                                           f"{model.backend.max_context}{hint}")
+                                           f"{model.max_context}{hint}")
         request_id = request.request_id or str(uuid.uuid4())
         with self._lock:
             if self._model is not model or not self._active:
@@ -688,7 +694,7 @@ class AssistantCore:
             self._error_counts[code] += 1
         raise QueryRefused(code, message)
 
-    def _check_request(self, request: QueryRequest, model: VisionLanguageModel
+    def _check_request(self, request: QueryRequest, model: AnsweringModel
                        ) -> GenerationConfig:
         """BAD_REQUEST checks; the generation settings with the node's defaults filled in."""
         q = request.question
@@ -717,7 +723,7 @@ class AssistantCore:
             clean_choices(choices)  # the pipeline's own rules: none empty, no special tokens
         except RequestError as exc:
             self._refuse(BAD_REQUEST, str(exc))
-        context = model.backend.max_context
+        context = model.max_context
         max_new = request.max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
             self._refuse(BAD_REQUEST, f"max_new_tokens must be an integer >= 0, got {max_new!r}")
@@ -877,7 +883,7 @@ class AssistantCore:
         return f"no answer within query_timeout_s = {self.settings.query_timeout_s:g} s"
 
     # ----- the worker --------------------------------------------------------------------------
-    def _worker_loop(self, model: VisionLanguageModel, stop: threading.Event) -> None:
+    def _worker_loop(self, model: AnsweringModel, stop: threading.Event) -> None:
         """Run jobs in FIFO order; when idle, pre-encode each camera's newest frame."""
         while True:
             job: Job | None = None
@@ -899,11 +905,12 @@ class AssistantCore:
                     self._lock.notify_all()
                     return
             if job is not None:
+                model.set_prefix_cache_mb(self.settings.prefix_cache_mb)  # the worker owns it
                 self._run_job(job, model)
             elif target is not None:
                 self._preencode(target, model)
 
-    def _run_job(self, job: Job, model: VisionLanguageModel) -> None:
+    def _run_job(self, job: Job, model: AnsweringModel) -> None:
         """Run one job and resolve it; unexpected exceptions become MODEL_ERROR."""
         try:
             code, message, answer = self._infer(job, model)
@@ -921,7 +928,7 @@ class AssistantCore:
             self._lock.notify_all()
         job._resolve(outcome)
 
-    def _infer(self, job: Job, model: VisionLanguageModel
+    def _infer(self, job: Job, model: AnsweringModel
                ) -> tuple[str, str, AnswerRecord | None]:
         """(error code or '', message, answer) for one job, on the worker thread."""
         start = job.started = self._monotonic()
@@ -1074,7 +1081,7 @@ class AssistantCore:
                 return frame
         return None
 
-    def _preencode(self, frame: Frame, model: VisionLanguageModel) -> None:
+    def _preencode(self, frame: Frame, model: AnsweringModel) -> None:
         """Encode one frame into the cache (worker thread, between jobs)."""
         try:
             self._store(frame, model.encode_image(frame.image))
@@ -1146,6 +1153,14 @@ class AssistantCore:
             }
         out["latency"] = _latency_stats(samples)
         return out
+
+
+def _close(model: AnsweringModel) -> None:
+    """Close a model that is no longer used; a failure is logged, never raised."""
+    try:
+        model.close()
+    except Exception:  # noqa: BLE001 - freeing memory must not break an unload
+        log.exception("closing the model %s failed", model.description)
 
 
 def _latency_stats(samples: list[tuple[float, float, float]]) -> dict[str, float | int]:

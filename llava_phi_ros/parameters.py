@@ -160,6 +160,10 @@ PARAMETERS: tuple[Param, ...] = (
           1, 1000),
     Param("preencode_latest", False, "Encode each camera's newest frame in the background.",
           LIVE),
+    Param("prefix_cache_mb", 512.0, "Memory (on the model's device) for the KV of system "
+          "prompt + image (+ a session's earlier turns) kept per frame, so a question about any "
+          "of them prefills only its own tokens; least recently used evicted. 0 keeps only the "
+          "last request's.", LIVE, 0.0, 65536.0),
     # --- lifecycle ----------------------------------------------------------------------------
     Param("autostart", True, "Configure and activate at start.", STARTUP),
 )

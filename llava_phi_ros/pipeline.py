@@ -8,29 +8,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from .backends import BACKENDS
+from . import parameters
+from .backends import create_backend
 from .backends.base import Backend, BackendError
-from .model.builtin import (
-    BUILTIN_RANDOM_TINY,
-    BUILTIN_TINY,
-    BUILTIN_TINY_DIR,
-    BUILTINS,
-    build_random_tiny,
-)
+from .model.config import LlavaPhiConfig
 from .model.generation import (
     ChoiceScores,
     ContextOverflowError,
     GenerationConfig,
+    embed_prompt,
     expanded_length,
     generate,
     score_choices,
 )
+from .model.metadata import ModelLoadError, ModelMetadata, load_metadata
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
 from .model.prompt import (
     IMAGE_TOKEN,
@@ -40,13 +36,41 @@ from .model.prompt import (
     build_prompt,
     tokenize_prompt,
 )
-from .model.tokenizer import Tokenizer, load_tokenizer
+from .model.tokenizer import Tokenizer
+from .prefix_cache import PrefixCache, mib
 
 MAX_QUESTION_CHARS = 4000
+DEFAULT_PREFIX_CACHE_MB: float = parameters.DEFAULTS["prefix_cache_mb"]
 
 
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded: bad path, files, layout or backend."""
+class AnsweringModel(Protocol):
+    """What the service core needs from a model, whatever backend runs it."""
+
+    description: str
+    is_builtin_toy: bool
+
+    @property
+    def max_context(self) -> int: ...
+
+    @property
+    def num_image_tokens(self) -> int: ...
+
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
+                   system_prompt: str | None = None) -> list[int]: ...
+
+    def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage: ...
+
+    def ask(self, image: Image.Image | np.ndarray | EncodedImage, question: str,
+            history: Sequence[tuple[str, str]] = (),
+            generation: GenerationConfig | None = None, choices: Sequence[str] = (),
+            on_text: Callable[[str, int], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None,
+            system_prompt: str | None = None) -> AskResult: ...
+
+    def set_prefix_cache_mb(self, megabytes: float) -> None: ...
+
+    def close(self) -> None: ...
+
 
 
 @dataclass
@@ -70,7 +94,7 @@ class AskResult:
     choice_probs: list[float] = field(default_factory=list)
     choice_index: int = -1
     prompt_tokens: int = 0
-    reused_prefix_tokens: int = 0  # prompt positions whose KV cache was kept from the last call
+    reused_prefix_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
@@ -105,7 +129,8 @@ class VisionLanguageModel:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer,
                  preprocess: ImagePreprocessConfig, description: str = "",
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
         if preprocess.image_size != backend.config.vision.image_size:
             raise ModelLoadError(f"preprocessor crop size {preprocess.image_size} != the vision "
                                  f"tower's image_size {backend.config.vision.image_size}")
@@ -118,46 +143,55 @@ class VisionLanguageModel:
         self.description = description or backend.model_id
         self.system_prompt = system_prompt
         self.is_builtin_toy = False
-        # What the backend's KV cache holds at positions 0..: prompt ids and the image spliced in.
-        self._cached_ids: list[int] = []
-        self._cached_image: EncodedImage | None = None
+        self.prefix_cache = PrefixCache(self.num_image_tokens, mib(prefix_cache_mb))
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, model_path: str, backend: str = "torch", device: str = "cpu",
              dtype: str | None = None, max_context: int | None = None,
-             system_prompt: str | None = None) -> VisionLanguageModel:
+             system_prompt: str | None = None,
+             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> VisionLanguageModel:
         """`builtin:tiny`, `builtin:random-tiny` or a checkpoint directory (either layout)."""
-        from .backends.torch_backend import TorchBackend, check_device, resolve_dtype
+        return cls.from_metadata(load_metadata(model_path), backend, device, dtype, max_context,
+                                 system_prompt, prefix_cache_mb)
 
-        if backend not in BACKENDS:
-            raise ModelLoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-        if backend != "torch":
-            raise ModelLoadError(f"backend {backend!r} is not implemented yet (implemented: torch)")
+    @classmethod
+    def from_metadata(cls, metadata: ModelMetadata, backend: str = "torch",
+                      device: str = "cpu", dtype: str | None = None,
+                      max_context: int | None = None, system_prompt: str | None = None,
+                      prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> VisionLanguageModel:
+        """The named backend (through the registry) on the metadata's model."""
         try:
-            torch_device = check_device(device)
-            torch_dtype = resolve_dtype(dtype, torch_device.type)
+            runtime = create_backend(backend, metadata, device, dtype, max_context)
         except BackendError as exc:
             raise ModelLoadError(str(exc)) from exc
-        precision = str(torch_dtype).removeprefix("torch.")
-        if model_path == BUILTIN_RANDOM_TINY or (model_path == BUILTIN_TINY
-                                                  and BUILTIN_TINY_DIR is None):
-            model, tokenizer, preprocess = build_random_tiny()
-            model = model.to(torch_device, torch_dtype)
-            name = f"{model_path} (random, untrained)"
-        elif model_path == BUILTIN_TINY:
-            model, tokenizer, preprocess = _load_checkpoint_dir(str(BUILTIN_TINY_DIR),
-                                                                torch_device, torch_dtype)
-            name = f"{BUILTIN_TINY} (trained on synthetic scenes)"
-        else:
-            model, tokenizer, preprocess = _load_checkpoint_dir(model_path, torch_device,
-                                                                torch_dtype)
-            name = Path(model_path).resolve().name
-        model_id = f"{name}/{backend}/{precision}"
-        vlm = cls(TorchBackend(model, max_context, model_id), tokenizer, preprocess, model_id,
-                  system_prompt)
-        vlm.is_builtin_toy = model_path in BUILTINS
+        vlm = cls(runtime, metadata.tokenizer, metadata.preprocess, runtime.model_id,
+                  system_prompt, prefix_cache_mb)
+        vlm.is_builtin_toy = metadata.is_builtin_toy
         return vlm
+
+    @property
+    def config(self) -> LlavaPhiConfig:
+        return self.backend.config
+
+    @property
+    def max_context(self) -> int:
+        """Positions the KV cache holds: prompt (image included) + answer."""
+        return self.backend.max_context
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Positions one image takes in the prompt."""
+        return self.backend.config.num_image_tokens
+
+    def set_prefix_cache_mb(self, megabytes: float) -> None:
+        """The memory budget for kept image prefixes (0: only the last request's)."""
+        self.prefix_cache.set_budget(mib(megabytes))
+
+    def close(self) -> None:
+        """Free the backend's weights, caches and device memory; the model is unusable after."""
+        self.prefix_cache.clear()
+        self.backend.close()
 
     # ----- inference --------------------------------------------------------------------------
     def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
@@ -201,28 +235,28 @@ class VisionLanguageModel:
         prompt = self.prompt(question, history, system_prompt)
         ids = tokenize_prompt(prompt, self.tokenizer, num_images=1)
         choices = clean_choices(choices)
-        n_image = self.backend.config.num_image_tokens
+        n_image = self.num_image_tokens
         prompt_len = expanded_length(ids, n_image)
-        if prompt_len >= self.backend.max_context:
+        if prompt_len >= self.max_context:
             raise ContextOverflowError(f"the prompt needs {prompt_len} positions; the context "
-                                       f"has {self.backend.max_context}")
+                                       f"has {self.max_context}")
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
         vision_ms = 0.0 if isinstance(image, EncodedImage) else encoded.vision_ms
         prefill_start = time.perf_counter()
-        keep = self._reusable_prefix(ids, encoded)
-        self._cached_ids, self._cached_image = [], None  # invalid until this call succeeds
+        keep = self.prefix_cache.prepare(self.backend, ids, encoded)
         rest = ids[keep:]
-        logits = self.backend.prefill(rest, encoded.features if IMAGE_TOKEN_INDEX in rest else None,
-                                      start_pos=expanded_length(ids[:keep], n_image))
+        features = encoded.features if IMAGE_TOKEN_INDEX in rest else None
+        reused = expanded_length(ids[:keep], n_image)
+        logits = self.backend.prefill(embed_prompt(self.backend, rest, features), reused)
         self.backend.synchronize()
         prefill_ms = _ms(prefill_start)
         result = AskResult(text="", finish_reason="stop", prompt_tokens=prompt_len,
-                           reused_prefix_tokens=expanded_length(ids[:keep], n_image),
-                           vision_ms=vision_ms, prefill_ms=prefill_ms)
-        valid = len(ids)  # generation writes only after the prompt
+                           reused_prefix_tokens=reused, vision_ms=vision_ms,
+                           prefill_ms=prefill_ms)
+        in_cache = list(ids)  # what the KV cache holds when this call ends
         if choices:
             scores = self._score(prompt, ids, choices, should_cancel)
-            valid = scores.intact_prompt_ids  # scoring may rewind into the prompt
+            del in_cache[scores.intact_prompt_ids:]  # scoring may rewind into the prompt
             result.choices = list(choices)
             if scores.cancelled:
                 result.finish_reason = "cancelled"
@@ -240,21 +274,10 @@ class VisionLanguageModel:
             if gen.first_token_time is not None:
                 result.time_to_first_token_ms = _ms(start, gen.first_token_time)
             result.decode_tokens_per_s = gen.decode_tokens_per_s
-        self._cached_ids, self._cached_image = ids[:valid], encoded
+            in_cache += gen.token_ids[:gen.decode_steps]  # the answer's ids fed back so far
+        self.prefix_cache.finished(in_cache, encoded)
         result.total_ms = _ms(start)
         return result
-
-    def _reusable_prefix(self, ids: list[int], image: EncodedImage) -> int:
-        """How many leading prompt ids already sit in the KV cache (at least one id is left to
-        prefill, so there are logits to start from). Past the image placeholder only when the
-        cache holds this very image."""
-        cached = self._cached_ids
-        keep = 0
-        while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
-            if ids[keep] == IMAGE_TOKEN_INDEX and image is not self._cached_image:
-                break
-            keep += 1
-        return keep
 
     def _score(self, prompt: str, prompt_ids: list[int], choices: list[str],
                should_cancel: Callable[[], bool] | None) -> ChoiceScores:
@@ -262,7 +285,7 @@ class VisionLanguageModel:
         prompt, tokenised together with it (as training text renders an answer)."""
         full = [tokenize_prompt(f"{prompt} {choice}{STOP_STRING}", self.tokenizer, num_images=1)
                 for choice in choices]
-        return score_choices(self.backend, prompt_ids, full, self.backend.config.num_image_tokens,
+        return score_choices(self.backend, prompt_ids, full, self.num_image_tokens,
                              should_cancel)
 
 
@@ -276,15 +299,3 @@ def clean_choices(choices: Sequence[str]) -> list[str]:
             raise RequestError(f"the choice {choice!r} contains a special token")
     return cleaned
 
-
-def _load_checkpoint_dir(model_path: str, device: Any, dtype: Any):
-    """Model, tokenizer and preprocessing from one checkpoint directory."""
-    from .model.checkpoint import load_model, read_preprocess_config
-
-    path = Path(model_path)
-    if not model_path:
-        raise ModelLoadError("model path is empty")
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {model_path!r} does not exist")
-    model = load_model(path, device=device, dtype=dtype)
-    return model, load_tokenizer(path), read_preprocess_config(path, model.config)

@@ -11,6 +11,21 @@ from collections.abc import Callable
 from typing import Any
 
 
+class SharedModel:
+    """A model several cores use in turn (a module fixture): close() only counts, so one core's
+    unload does not free the model the next test's core is given."""
+
+    def __init__(self, model: Any):
+        self._model = model
+        self.closed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
 class SlowModel:
     """Each generated token and each scored choice takes token_delay_s longer; a cancel (or
     timeout, or shutdown) that should_cancel() reports ends the wait within ~5 ms."""

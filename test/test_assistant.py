@@ -28,7 +28,7 @@ from llava_phi_ros.model.generation import GenerationConfig
 from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
 from llava_phi_ros.pipeline import MAX_QUESTION_CHARS, VisionLanguageModel
 
-from .doubles import SlowModel
+from .doubles import SharedModel, SlowModel
 
 WAIT = 30.0  # generous bound on every wait: a hang fails, a slow machine does not
 T0_NS = 1_700_000_000 * 10**9  # node-clock origin of the tests
@@ -100,7 +100,8 @@ def frame(stamp_ns: int, seed: int = 0, camera: str = "camera", received_ns: int
 
 @pytest.fixture(scope="module")
 def model() -> VisionLanguageModel:
-    return VisionLanguageModel.load("builtin:random-tiny")  # long answers for timing tests
+    # long answers for timing tests; shared by the module's cores, so unloading must not close it
+    return SharedModel(VisionLanguageModel.load("builtin:random-tiny"))
 
 
 class Harness:

@@ -10,6 +10,7 @@ from llava_phi_ros.model.generation import (
     ContextOverflowError,
     GenerationConfig,
     choose_token,
+    embed_prompt,
     expanded_length,
     generate,
     score_choices,
@@ -34,7 +35,7 @@ def image(backend):
 
 
 def run(backend, image, cfg, eos=-1, decode=lambda ids: " ".join(map(str, ids)), **kw):
-    logits = backend.prefill(PROMPT, image)
+    logits = backend.prefill(embed_prompt(backend, PROMPT, image))
     start = expanded_length(PROMPT, backend.config.num_image_tokens)
     return generate(backend, logits, start, eos, decode, cfg, **kw)
 
@@ -108,9 +109,9 @@ def test_tiny_top_p_is_greedy():
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
     gen = torch.Generator().manual_seed(0)
     cfg = GenerationConfig(temperature=1.0, top_p=1e-6)
-    assert {choose_token(logits, cfg, gen) for _ in range(50)} == {1}
+    assert {int(choose_token(logits, cfg, gen)) for _ in range(50)} == {1}
     cfg = GenerationConfig(temperature=1.0, top_p=0.6)  # keeps tokens 1 and 2 only
-    assert {choose_token(logits, cfg, gen) for _ in range(200)} == {1, 2}
+    assert {int(choose_token(logits, cfg, gen)) for _ in range(200)} == {1, 2}
 
 
 def test_streaming_and_cancel(backend, image):
@@ -140,7 +141,7 @@ def test_bad_generation_config(bad):
 
 def test_choice_scores_equal_full_forward(backend, image):
     choices = [[3, 4, 99], [8], [3, 11, 12, 99]]
-    backend.prefill(PROMPT, image)
+    backend.prefill(embed_prompt(backend, PROMPT, image))
     scores = score_choices(backend, PROMPT, [PROMPT + c for c in choices],
                            backend.config.num_image_tokens)
     start = expanded_length(PROMPT, backend.config.num_image_tokens) - 1
@@ -155,7 +156,7 @@ def test_choice_scores_equal_full_forward(backend, image):
 def test_choice_that_resplits_the_prompt_rewinds(backend, image):
     """A choice tokenised together with the prompt may change the prompt's last token."""
     resplit = PROMPT[:-1] + [50, 60]  # last prompt id 7 became 50, then the answer 60
-    backend.prefill(PROMPT, image)
+    backend.prefill(embed_prompt(backend, PROMPT, image))
     got = score_choices(backend, PROMPT, [PROMPT + [60], resplit],
                         backend.config.num_image_tokens).logprobs
     n = backend.config.num_image_tokens
@@ -174,7 +175,7 @@ def test_choice_that_resplits_the_prompt_rewinds(backend, image):
 
 
 def test_scoring_reports_the_untouched_prompt_prefix(backend, image):
-    backend.prefill(PROMPT, image)
+    backend.prefill(embed_prompt(backend, PROMPT, image))
     scores = score_choices(backend, PROMPT, [PROMPT + [60], PROMPT[:-1] + [50, 60]],
                            backend.config.num_image_tokens)
     assert scores.intact_prompt_ids == len(PROMPT) - 2  # the re-split rewound one more id

@@ -1,8 +1,41 @@
-"""Inference backends behind one interface (encode_image, prefill, decode_step). No ROS.
+"""Inference backends behind one interface (`base.Backend`), created through one registry. No ROS.
 
 This module imports no runtime (torch, onnxruntime, tensorrt): it holds the names that the node's
-parameters, the launch file and the CLI all check against.
+parameters, the launch file, the CLI and the bench all check against, and imports a backend's
+module only when one is created.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..model.metadata import ModelMetadata
+    from .base import Backend
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # every backend name the product knows
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # auto: fp32 on CPU, fp16 on a GPU
+# name -> the module whose create(metadata, device, dtype, max_context) builds it
+_IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend"}
+assert set(_IMPLEMENTATIONS) <= set(BACKENDS)
+
+
+def implemented_backends() -> tuple[str, ...]:
+    """The backends this build can create, in BACKENDS order."""
+    return tuple(b for b in BACKENDS if b in _IMPLEMENTATIONS)
+
+
+def create_backend(name: str, metadata: ModelMetadata, device: str = "cpu",
+                   dtype: str | None = None, max_context: int | None = None) -> Backend:
+    """The one way the CLI, the node and the bench make a backend; BackendError when the name
+    is unknown or not built yet, or the backend refuses the device or dtype."""
+    from .base import BackendError
+
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name not in _IMPLEMENTATIONS:
+        raise BackendError(f"backend {name!r} is not implemented yet (implemented: "
+                           f"{', '.join(implemented_backends())})")
+    module = importlib.import_module(_IMPLEMENTATIONS[name])
+    return module.create(metadata, device=device, dtype=dtype, max_context=max_context)

@@ -1,15 +1,17 @@
-"""The reference backend: the PyTorch model on CPU or CUDA."""
+"""The reference backend: the PyTorch model on CPU or CUDA, one static-shape decoder step."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..model.llava_phi import LlavaPhiForCausalLM
+from ..model.metadata import ModelMetadata
 from . import DTYPE_NAMES
-from .base import Backend, BackendError
+from .base import Backend, BackendError, KVSnapshot
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 assert set(DTYPES) == set(DTYPE_NAMES) - {"auto"}, "backends.DTYPE_NAMES is the one list"
@@ -38,36 +40,96 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = None,
+           max_context: int | None = None) -> TorchBackend:
+    """The registry's factory: the metadata's weights on `device` in `dtype`."""
+    from ..model.checkpoint import load_model
+
+    torch_device = check_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device.type)
+    if metadata.build_weights is not None:
+        model = metadata.build_weights().to(torch_device, torch_dtype)
+    elif metadata.weights_dir is not None:
+        model = load_model(metadata.weights_dir, device=torch_device, dtype=torch_dtype)
+    else:
+        raise BackendError(f"{metadata.name}: no PyTorch weights to load")
+    precision = str(torch_dtype).removeprefix("torch.")
+    return TorchBackend(model, max_context, f"{metadata.name}/torch/{precision}")
+
+
 class TorchBackend(Backend):
-    """LlavaPhiForCausalLM with one preallocated KV cache."""
+    """LlavaPhiForCausalLM with one preallocated KV cache and preallocated step inputs."""
 
     def __init__(self, model: LlavaPhiForCausalLM, max_context: int | None = None,
                  model_id: str = "torch"):
-        self.model = model.eval()
+        self.model: LlavaPhiForCausalLM | None = model.eval()
         self.config = model.config
         self.max_context = max_context or self.config.text.max_position_embeddings
         self.cache = model.new_cache(self.max_context)
         self.model_id = model_id
+        device = model.device
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # decode_step's input
+        self._position = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _live(self) -> LlavaPhiForCausalLM:
+        if self.model is None:
+            raise BackendError(f"{self.model_id}: the backend was closed")
+        return self.model
 
     @torch.inference_mode()
     def encode_image(self, pixel_values: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)  # (1, C, S, S)
-        return self.model.encode_images(pixels)[0]  # (N, D)
+        return self._live().encode_images(pixels)[0]  # (N, D)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Sequence[int], image_features: torch.Tensor | None = None,
-                start_pos: int = 0, all_logits: bool = False) -> torch.Tensor:
-        embeds = self.model.embed(input_ids, image_features)  # (1, T', D)
-        logits = self.model.forward_embeds(embeds, self.cache, start_pos, last_only=not all_logits)
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        return self._live().embed_ids(ids)  # (T, D)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, start_pos: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        # embeds: (T, D) -> logits (V,) or (T, V)
+        logits = self._live().forward_embeds(embeds.unsqueeze(0), self.cache, start_pos,
+                                             last_only=not all_logits)
         return logits[0]
 
     @torch.inference_mode()
     def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
-        ids = torch.tensor([[token_id]], device=self.model.device)
-        return self.model(ids, self.cache, pos, last_only=True)[0]
+        model = self._live()
+        if not 0 <= pos < self.max_context:
+            raise ValueError(f"position {pos} is outside the KV cache of {self.max_context}")
+        self._token.fill_(token_id)  # no new tensors, no host read: static shapes throughout
+        self._position.fill_(pos)
+        embeds = model.model.embed_tokens(self._token)  # (1, 1, D)
+        return model.step(embeds, self.cache, self._position, last_only=True)[0]  # (V,)
+
+    @torch.inference_mode()
+    def snapshot(self, n_positions: int) -> KVSnapshot:
+        keys = self.cache.keys[:, :, :, :n_positions].clone()  # (L, B, H, n, Dh)
+        values = self.cache.values[:, :, :, :n_positions].clone()
+        return KVSnapshot(n_positions, keys.nbytes + values.nbytes, (keys, values))
+
+    @torch.inference_mode()
+    def restore(self, snapshot: KVSnapshot, n_positions: int) -> None:
+        keys, values = snapshot.data
+        n = min(n_positions, snapshot.n_positions)
+        self.cache.keys[:, :, :, :n].copy_(keys[:, :, :, :n])
+        self.cache.values[:, :, :, :n].copy_(values[:, :, :, :n])
+
+    def close(self) -> None:
+        if self.model is None:
+            return
+        device = self.model.device
+        self.model = None
+        self.cache = None  # type: ignore[assignment]
+        self._token = self._position = None  # type: ignore[assignment]
+        gc.collect()  # drop reference cycles that may still hold parameters
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # give the caching allocator's blocks back to the driver
 
     def synchronize(self) -> None:
-        if self.model.device.type == "cuda":
+        if self.model is not None and self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)

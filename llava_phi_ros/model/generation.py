@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
 
@@ -22,19 +22,64 @@ class ContextOverflowError(RequestError):
     """The prompt (plus at least one new token) does not fit the model's context."""
 
 
-class StepModel(Protocol):
-    """What the loop needs from a backend."""
+class StepModel(ABC):
+    """What the loop needs from a backend: one sequence's KV cache, driven at absolute positions
+    the caller chooses (so a cached prefix can be reused and a choice scored by rewinding).
+
+    Tensors are torch tensors on the backend's device; image splicing is NOT a backend's job
+    (see embed_prompt), so every backend takes input embeddings.
+    """
 
     max_context: int
 
-    def prefill(self, input_ids: Sequence[int], image_features: Any | None = None,
-                start_pos: int = 0, all_logits: bool = False) -> torch.Tensor:
-        """Run ids (IMAGE_TOKEN_INDEX = one image) from start_pos; fp32 logits (V,) or (T, V)."""
-        ...
+    @abstractmethod
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        """Text token embeddings: T ids -> (T, D)."""
 
+    @abstractmethod
+    def prefill(self, embeds: torch.Tensor, start_pos: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run (T, D) embeddings at positions start_pos..start_pos+T-1, keeping their KV;
+        fp32 logits (V,) of the last position, or (T, V) of every position when all_logits."""
+
+    @abstractmethod
     def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
         """Feed one token at absolute position pos; fp32 logits (V,) for the next one."""
-        ...
+
+
+def splice_image_features(input_ids: Sequence[int],
+                          embed_ids: Callable[[Sequence[int]], torch.Tensor],
+                          image_features: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with each IMAGE_TOKEN_INDEX replaced by one image's N features, the one
+    place where images meet text. The placeholders are found in the host-side id list (no
+    device sync). image_features: (K, N, D) or (N, D); returns (T - K + K*N, D)."""
+    ids = list(input_ids)
+    slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    if image_features is not None and image_features.dim() == 2:
+        image_features = image_features.unsqueeze(0)
+    n_images = 0 if image_features is None else image_features.shape[0]
+    if len(slots) != n_images:
+        raise ValueError(f"the prompt has {len(slots)} image placeholders but "
+                         f"{n_images} images were given")
+    pieces: list[torch.Tensor] = []
+    text_dtype = None
+    prev = 0
+    for k, slot in enumerate([*slots, len(ids)]):  # the text before each image, then the rest
+        if slot > prev or not pieces and k == len(slots):
+            pieces.append(embed_ids(ids[prev:slot]))  # (t, D)
+            text_dtype = pieces[-1].dtype
+        if k < len(slots):
+            pieces.append(image_features[k])  # (N, D)
+        prev = slot + 1
+    if text_dtype is not None:  # features in the text's dtype, as the decoder expects
+        pieces = [p if p.dtype == text_dtype else p.to(text_dtype) for p in pieces]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def embed_prompt(model: StepModel, input_ids: Sequence[int],
+                 image_features: torch.Tensor | None = None) -> torch.Tensor:
+    """A backend's input embeddings for ids with images spliced in: (T', D)."""
+    return splice_image_features(input_ids, model.embed_tokens, image_features)
 
 
 @dataclass(frozen=True)
@@ -87,18 +132,29 @@ def expanded_length(input_ids: Sequence[int], num_image_tokens: int) -> int:
 
 
 def choose_token(logits: torch.Tensor, cfg: GenerationConfig,
-                 generator: torch.Generator | None) -> int:
-    """Greedy argmax, or a temperature / nucleus (top-p) sample. logits: (V,) fp32."""
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or a temperature / nucleus (top-p) sample, on the logits' device.
+    logits: (V,) fp32; returns a 0-d long tensor (not read on the host here)."""
     if cfg.temperature == 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of better tokens
         sorted_probs = torch.where(before < cfg.top_p, sorted_probs, 0.0)
         pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return order[pick[0]]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def next_token(logits: torch.Tensor, cfg: GenerationConfig,
+               generator: torch.Generator | None) -> tuple[int, float]:
+    """The chosen token and its natural-log probability, both computed on the device and read
+    back together: the loop's one host sync per token."""
+    token = choose_token(logits, cfg, generator)
+    logprob = torch.log_softmax(logits, dim=-1)[token]
+    token_id, value = torch.stack((token.double(), logprob.double())).tolist()  # exact below 2**53
+    return int(token_id), value
 
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str] | None:
@@ -153,14 +209,14 @@ def generate(model: StepModel, first_logits: torch.Tensor, start_pos: int, eos_t
         if should_cancel is not None and should_cancel():
             out.finish_reason = "cancelled"
             break
-        token = choose_token(logits, cfg, generator)
+        token, logprob = next_token(logits, cfg, generator)
         if out.first_token_time is None:
             out.first_token_time = decode_start = time.perf_counter()
         if token == eos_token_id:
             out.finish_reason = "stop"
             break
         ids.append(token)
-        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        logprobs.append(logprob)
         out.text = decode(ids)
         stop = _find_stop(out.text, cfg.stop_strings)
         if stop is not None:
@@ -230,7 +286,7 @@ def score_choices(model: StepModel, prompt_ids: Sequence[int], choice_ids: Seque
         if pos + len(full) - start > model.max_context:
             raise ContextOverflowError(f"a choice needs {pos + len(full) - start} positions; the "
                                        f"context has {model.max_context}")
-        logits = model.prefill(full[start:], None, start_pos=pos, all_logits=True)  # (T, V)
+        logits = model.prefill(model.embed_tokens(full[start:]), pos, all_logits=True)  # (T, V)
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # predicts full[shared:]
         targets = torch.tensor(full[shared:], device=logp.device)
         scores.append(float(logp.gather(1, targets[:, None]).sum()))

@@ -14,8 +14,8 @@ from torch import nn
 
 from .clip import CLIPVisionTower
 from .config import LlavaPhiConfig
-from .phi import KVCache, PhiDecoderLayer, RotaryEmbedding
-from .prompt import IMAGE_TOKEN_INDEX
+from .generation import splice_image_features
+from .phi import KVCache, PhiDecoderLayer, RotaryEmbedding, StepInputs
 
 
 def build_projector(cfg: LlavaPhiConfig) -> nn.Module:
@@ -80,23 +80,12 @@ class LlavaPhiForCausalLM(nn.Module):
         input_ids: T ids, K of them IMAGE_TOKEN_INDEX; image_features: (K, N, D) or (N, D).
         Returns (1, T - K + K*N, D).
         """
-        ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=self.device)
-        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if image_features is not None and image_features.dim() == 2:
-            image_features = image_features.unsqueeze(0)
-        n_images = 0 if image_features is None else image_features.shape[0]
-        if len(slots) != n_images:
-            raise ValueError(f"the prompt has {len(slots)} image placeholders but "
-                             f"{n_images} images were given")
-        text = self.model.embed_tokens(ids.clamp(min=0))  # (T, D); placeholders embedded as id 0
-        if not slots:
-            return text.unsqueeze(0)
-        pieces, prev = [], 0
-        for i, slot in enumerate(slots):
-            pieces += [text[prev:slot], image_features[i].to(text.dtype)]
-            prev = slot + 1
-        pieces.append(text[prev:])
-        return torch.cat(pieces).unsqueeze(0)
+        return splice_image_features(input_ids, self.embed_ids, image_features).unsqueeze(0)
+
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """Text token embeddings: T ids -> (T, D)."""
+        return self.model.embed_tokens(torch.tensor(list(ids), dtype=torch.long,
+                                                    device=self.device))
 
     def forward_embeds(self, embeds: torch.Tensor, cache: KVCache | None, start_pos: int,
                        last_only: bool = True) -> torch.Tensor:
@@ -114,9 +103,24 @@ class LlavaPhiForCausalLM(nn.Module):
         elif start_pos < 0 or start_pos + t > cache.max_len:
             raise ValueError(f"positions {start_pos}..{start_pos + t - 1} do not fit the "
                              f"KV cache of {cache.max_len}")
+        positions = torch.arange(start_pos, start_pos + t, device=embeds.device)
+        return self.step(embeds, cache, positions, last_only)
+
+    def step(self, embeds: torch.Tensor, cache: KVCache | None, positions: torch.Tensor,
+             last_only: bool = True) -> torch.Tensor:
+        """The static-shape decoder step: (B, T, D) embeddings at the (T,) positions (a device
+        tensor: nothing here reads it on the host); their keys/values go into the cache at those
+        positions and attention runs over the whole cache through a mask. The caller keeps the
+        positions inside the cache. fp32 logits (B, V) when last_only, else (B, T, V)."""
+        cos, sin = self.model.rotary.tables(positions)
+        if cache is None:  # causal over the sequence itself
+            hidden = positions[None, :] > positions[:, None]  # (T, T)
+        else:
+            hidden = cache.hidden(positions)  # (T, S)
+        inputs = StepInputs(positions, cos, sin, hidden, cache)
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self.model.rotary, cache, i, start_pos)
+            x = layer(x, self.model.rotary, inputs, i)
         if last_only:
             x = x[:, -1]
         return self.lm_head(self.model.final_layernorm(x)).float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,12 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer (no reallocation while generating).
+    """Preallocated keys and values for every layer, of a fixed length (static shapes).
 
-    Positions are absolute: `forward(..., start_pos=p)` writes positions p..p+T-1 and attends to
-    0..p+T-1. Rewinding is free: writing at an earlier position overwrites what was there.
+    Positions are absolute: a step writes its keys/values at the positions it is given and
+    attends over the whole cache through a mask (key j is seen by a query at position p iff
+    j <= p). Rewinding is free: writing at an earlier position overwrites what was there, and
+    entries past the query's position are masked out.
     """
 
     def __init__(self, cfg: TextConfig, max_len: int, batch: int = 1,
@@ -31,11 +34,25 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H, S, Dh)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_positions = torch.arange(max_len, device=device)  # (S,)
         self.max_len = max_len
 
     @property
     def batch(self) -> int:
         return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def bytes_per_position(self) -> int:
+        """Bytes that one position occupies over all layers (keys and values)."""
+        return self.nbytes // self.max_len
+
+    def hidden(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) absolute query positions -> (T, S) bool: the cache entries each query must NOT
+        see (later positions, and whatever an earlier, longer sequence left there)."""
+        return self.key_positions > positions[:, None]
 
 
 class RotaryEmbedding(nn.Module):
@@ -56,16 +73,39 @@ class RotaryEmbedding(nn.Module):
         """Follow device moves, but keep the tables fp32 when the model is cast to fp16/bf16."""
         return super()._apply(lambda t: t.to(fn(t.new_empty(0)).device), recurse)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        # x: (B, H, T, Dh); rotation computed in fp32, then cast back.
-        t = x.shape[2]
-        cos = self.cos[start_pos:start_pos + t]  # (T, dim)
-        sin = self.sin[start_pos:start_pos + t]
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) positions -> fp32 cos, sin (T, dim), gathered (no host-side slicing)."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, Dh); cos/sin: (T, dim). Rotation computed in fp32, then cast back.
         rot, rest = x[..., :self.dim].float(), x[..., self.dim:]
         half = self.dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         rot = rot * cos + rotated * sin
         return torch.cat([rot.to(x.dtype), rest], dim=-1)
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one decoder step shares: positions, rotary tables, mask, cache."""
+
+    positions: torch.Tensor  # (T,) absolute positions, long
+    cos: torch.Tensor  # (T, rotary_dim) fp32
+    sin: torch.Tensor
+    hidden: torch.Tensor  # (T, S) bool: keys each query must not see (S = cache length, or T)
+    cache: KVCache | None
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax attention, safe in fp16: q (B, H, T, Dh) is scaled by 1/sqrt(Dh) BEFORE q.k (raw
+    Phi-2 q.k overflows fp16), scores and softmax are fp32 (only the (B, H, T, S) scores are
+    cast, never the cache), and the probabilities meet the values in their own dtype."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, keys.transpose(-1, -2)).float()  # (B,H,T,S)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)  # (B, H, T, Dh)
 
 
 class PhiAttention(nn.Module):
@@ -79,29 +119,22 @@ class PhiAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.dense = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None,
-                layer: int, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, step: StepInputs,
+                layer: int) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, D)
         shape = (b, t, self.num_heads, self.head_dim)
-        q = rotary(self.q_proj(x).view(shape).transpose(1, 2), start_pos)  # (B, H, T, Dh)
-        k = rotary(self.k_proj(x).view(shape).transpose(1, 2), start_pos)
+        q = rotary(self.q_proj(x).view(shape).transpose(1, 2), step.cos, step.sin)  # (B,H,T,Dh)
+        k = rotary(self.k_proj(x).view(shape).transpose(1, 2), step.cos, step.sin)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        end = start_pos + t
-        if cache is None:  # training: the whole sequence at once, nothing kept
+        if step.cache is None:  # training: the whole sequence at once, nothing kept
             keys, values = k, v
-        else:
-            cache.keys[layer, :b, :, start_pos:end] = k
-            cache.values[layer, :b, :, start_pos:end] = v
-            keys = cache.keys[layer, :b, :, :end]  # (B, H, end, Dh)
-            values = cache.values[layer, :b, :, :end]
-        mask = None
-        if t > 1:  # query i (absolute position start_pos + i) sees keys 0..start_pos + i
-            mask = torch.ones(t, keys.shape[2], dtype=torch.bool,
-                              device=x.device).tril(diagonal=keys.shape[2] - t)
-        # Scores and softmax in fp32: Phi-2 overflows in fp16 otherwise.
-        out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
-                                             attn_mask=mask)
-        return self.dense(out.to(x.dtype).transpose(1, 2).reshape(b, t, d))
+        else:  # write this step's entries at their positions; attend over the whole cache
+            keys = step.cache.keys[layer, :b]  # (B, H, S, Dh)
+            values = step.cache.values[layer, :b]
+            keys.index_copy_(2, step.positions, k)
+            values.index_copy_(2, step.positions, v)
+        out = attention(q, keys, values, step.hidden)
+        return self.dense(out.transpose(1, 2).reshape(b, t, d))
 
 
 class PhiMLP(nn.Module):
@@ -124,7 +157,7 @@ class PhiDecoderLayer(nn.Module):
         self.self_attn = PhiAttention(cfg)
         self.mlp = PhiMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cache: KVCache | None,
-                layer: int, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, step: StepInputs,
+                layer: int) -> torch.Tensor:
         h = self.input_layernorm(x)
-        return x + self.self_attn(h, rotary, cache, layer, start_pos) + self.mlp(h)
+        return x + self.self_attn(h, rotary, step, layer) + self.mlp(h)

@@ -436,6 +436,8 @@ class AssistantNode(LifecycleNode):
         msg.choice_probs = [float(x) for x in record.choice_probs]
         msg.choice_index = int(record.choice_index)
         msg.tokens_generated = int(record.tokens_generated)
+        msg.prompt_tokens = int(record.prompt_tokens)
+        msg.reused_prompt_tokens = int(record.reused_prefix_tokens)
         for name in ("queue_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms",
                      "decode_tokens_per_s", "total_ms"):
             setattr(msg, name, float(getattr(record, name)))
