@@ -11,20 +11,30 @@ Layouts (chosen by config.json `model_type`), all mapped to the model's own stat
   transformers 4.x and none from transformers 5 (CLIPVisionModel dropped it); both are read.
 
 Weight files: model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
-pytorch_model.bin.index.json (shards). Every key and shape is checked against the model that the
-config describes before anything is built; all problems are reported together.
+pytorch_model.bin.index.json (shards). Every key, shape and dtype is checked against the model
+that the config describes before anything is built, from tensor metadata alone (safetensors
+headers, parsed and validated here; a .bin's memory-mapped torch.load); all problems are reported
+together. Only a stored CLIP position_ids buffer and lm_head.bias are read for the checks.
+
+Memory: load_model builds the model on the meta device and reads one tensor at a time (readinto a
+new CPU tensor, cast, moved to the device, made the parameter), so for safetensors host memory
+peaks at about the loaded model plus its largest tensor, not twice the weights
+(benchmarks/bench_load_memory.py measures it). convert_checkpoint streams the same way; the
+writers write safetensors one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
+import struct
 import sys
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .config import ConfigError, LlavaPhiConfig
@@ -215,23 +223,109 @@ def _find_weights(d: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     raise CheckpointError(f"{d}: no weight files (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _read_safetensors(path: Path, bar: tqdm) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file, as stored."""
-    out: dict[str, torch.Tensor] = {}
+# safetensors dtype names -> torch dtypes, in safetensors' own order of the names (its writer
+# stores the tensors of later names first; _write_safetensors does the same). Names this torch
+# has no dtype for are left out (uint16/32/64 are torch >= 2.3).
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in (
+        ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3", "float8_e4m3fn"), ("I16", "int16"), ("U16", "uint16"), ("F16", "float16"),
+        ("BF16", "bfloat16"), ("I32", "int32"), ("U32", "uint32"), ("F32", "float32"),
+        ("F64", "float64"), ("I64", "int64"), ("U64", "uint64"))
+    if hasattr(torch, attr)}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses bigger headers too
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor as a weight file stores it: what verification needs, without its data."""
+
+    name: str  # as stored
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    path: Path
+    offset: int = -1  # absolute byte offset of the data in a .safetensors file; -1 for .bin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _safetensors_header(path: Path) -> dict[str, _Stored]:
+    """The tensors of one .safetensors file (sorted by name), from its header alone.
+
+    The header is checked as the safetensors library checks it: known dtypes, byte sizes equal
+    to dtype x shape, data ranges that tile the data section exactly (no gap, no overlap) and end
+    where the file ends. Nothing past the header is read.
+    """
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors file: {why}")
+
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                out[key] = f.get_tensor(key)
-                bar.update(out[key].nbytes)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors file: {exc}") from exc
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise corrupt(f"{size} bytes, too short for the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise corrupt(f"a header of {n} bytes in a file of {size} bytes")
+            text = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise corrupt(f"the header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise corrupt("__metadata__ is not a JSON object")
+
+    data_start, data_size = 8 + n, size - 8 - n
+    out: dict[str, _Stored] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name in sorted(header):
+        entry = header[name]
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ints = [*shape, begin, end]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name}: not a {{dtype, shape, data_offsets}} entry: "
+                          f"{str(entry)[:200]}") from None
+        if not all(type(x) is int and x >= 0 for x in ints) or begin > end:
+            raise corrupt(f"tensor {name}: bad shape {shape} or data_offsets {[begin, end]}")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise corrupt(f"tensor {name}: unsupported dtype {dtype_name!r}")
+        stored = _Stored(name, tuple(shape), dtype, path, data_start + begin)
+        if end - begin != stored.nbytes:
+            raise corrupt(f"tensor {name}: data_offsets {[begin, end]} hold {end - begin} bytes, "
+                          f"but shape {list(shape)} of {dtype_name} needs {stored.nbytes}")
+        out[name] = stored
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise corrupt(f"tensor {name}: data starts at byte {begin} of the data section, "
+                          f"expected {position} ({'overlap' if begin < position else 'gap'})")
+        position = end
+    if position != data_size:
+        raise corrupt(f"the header describes {position} bytes of tensor data, the file holds "
+                      f"{data_size}" + (" (truncated?)" if position > data_size else ""))
     return out
 
 
-def _read_bin(path: Path, bar: tqdm) -> dict[str, torch.Tensor]:
-    """All tensors of one PyTorch .bin file: weights_only, memory-mapped when zip-serialised."""
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one PyTorch .bin file: weights_only, memory-mapped when zip-serialised.
+
+    A memory-mapped tensor's data is read from disk only when it is touched.
+    """
     try:
         # mmap needs the zip serialisation (torch >= 1.6 default); legacy files are read whole.
         obj = torch.load(path, map_location="cpu", weights_only=True,
@@ -243,34 +337,92 @@ def _read_bin(path: Path, bar: tqdm) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: not a state dict of tensor name -> tensor")
-    bar.update(path.stat().st_size)
     return obj
 
 
-def _read_weights(d: Path, threshold: int) -> tuple[str, list[Path], dict[str, torch.Tensor]]:
-    """Every tensor of the directory's weight files, keyed as stored."""
+class _WeightSource:
+    """Reads one stored tensor at a time: safetensors by offset, .bin from torch.load's mmap.
+
+    A safetensors tensor is read with readinto straight into a new CPU tensor (no mmap, so no
+    file pages stay mapped into the process). A .bin tensor is the torch.load tensor itself
+    (memory-mapped for zip files, in memory for legacy ones): callers that keep it copy it.
+    """
+
+    def __init__(self, bins: dict[Path, dict[str, torch.Tensor]]):
+        self._bins = bins
+        self._files: dict[Path, Any] = {}
+
+    def read(self, stored: _Stored, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor as stored (dtype and shape), on the CPU.
+
+        A safetensors tensor is read into a new tensor, or into the front of `staging` (a uint8
+        CPU tensor of at least stored.nbytes) when given: the result is then a view of it.
+        """
+        if stored.offset < 0:
+            return self._bins[stored.path][stored.name]
+        raw = torch.empty(stored.nbytes, dtype=torch.uint8) if staging is None \
+            else staging[:stored.nbytes]
+        view = memoryview(raw.numpy())
+        try:
+            f = self._files.get(stored.path)
+            if f is None:
+                f = self._files[stored.path] = open(stored.path, "rb", buffering=0)  # noqa: SIM115
+            f.seek(stored.offset)
+            done = 0
+            while done < stored.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(
+                        f"{stored.path}: corrupt safetensors file: it ends inside tensor "
+                        f"{stored.name} (was it changed while being read?)")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{stored.path}: cannot read: {exc}") from exc
+        return raw.view(stored.dtype).reshape(stored.shape)
+
+    def release(self, stored: _Stored) -> None:
+        """Drop this source's reference to a .bin tensor (a legacy file's memory goes with it)."""
+        if stored.offset < 0:
+            self._bins[stored.path].pop(stored.name, None)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._bins.clear()  # a .bin file's mmap is unmapped once no tensor of it is left
+
+    def __enter__(self) -> _WeightSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _scan_weights(d: Path) -> tuple[str, list[Path], dict[str, _Stored], _WeightSource]:
+    """Every tensor of the directory's weight files, keyed as stored, described but not read."""
     fmt, files, weight_map = _find_weights(d)
     data_files = files[1:] if weight_map is not None else files
-    total = sum(p.stat().st_size for p in data_files)
-    read = _read_safetensors if fmt == "safetensors" else _read_bin
-    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[str, _Stored] = {}
     where: dict[str, str] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-              desc=f"reading {d.name}", disable=total <= threshold, leave=False) as bar:
-        for path in data_files:
-            part = read(path, bar)
-            twice = sorted(k for k in part if k in tensors)
-            if twice:
-                raise CheckpointError(f"{path}: tensors also stored in {where[twice[0]]}: "
-                                      f"{_names(twice)}")
-            tensors.update(part)
-            where.update(dict.fromkeys(part, path.name))
+    bins: dict[Path, dict[str, torch.Tensor]] = {}
+    for path in data_files:
+        if fmt == "safetensors":
+            part = _safetensors_header(path)
+        else:
+            bins[path] = _read_bin(path)
+            part = {k: _Stored(k, tuple(t.shape), t.dtype, path) for k, t in bins[path].items()}
+        twice = sorted(k for k in part if k in stored)
+        if twice:
+            raise CheckpointError(f"{path}: tensors also stored in {where[twice[0]]}: "
+                                  f"{_names(twice)}")
+        stored.update(part)
+        where.update(dict.fromkeys(part, path.name))
     if weight_map is not None:
         lost = sorted(k for k, shard in weight_map.items() if where.get(k) != shard)
         if lost:
             raise CheckpointError(f"{files[0]}: tensors not found in the shard the index names: "
                                   + ", ".join(f"{k} ({weight_map[k]})" for k in lost[:_MAX_NAMES]))
-    return fmt, files, tensors
+    return fmt, files, stored, _WeightSource(bins)
 
 
 # ----- verification --------------------------------------------------------------------------
@@ -287,9 +439,14 @@ def expected_shapes(cfg: LlavaPhiConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_type: str,
-                    d: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """Map stored keys to model keys and check them all: (state dict, layout, notes)."""
+def _map_and_verify(raw: dict[str, _Stored], cfg: LlavaPhiConfig, model_type: str, d: Path,
+                    read: Callable[[_Stored], torch.Tensor],
+                    ) -> tuple[dict[str, _Stored], str, list[str]]:
+    """Map stored keys to model keys and check them all: (model key -> stored, layout, notes).
+
+    Works on the tensors' metadata; `read` is called only for a position_ids buffer of the
+    right size and a correctly shaped lm_head.bias (both a few hundred kB at most).
+    """
     keys = list(raw)
     notes: list[str] = []
     if model_type == "llava":
@@ -306,7 +463,7 @@ def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_typ
             notes.append("mapped LLaVA-1.5 model.vision_tower.vision_tower.* keys")
 
     expected = expected_shapes(cfg)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, _Stored] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     problems: list[str] = []
@@ -323,24 +480,25 @@ def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_typ
     # arange(num_positions), which the model computes itself: harmless, so check it and drop it.
     if _POSITION_IDS in state:
         ids, n = state.pop(_POSITION_IDS), cfg.vision.num_patches + 1
-        if ids.numel() == n and ids.dim() <= 2 and not ids.is_floating_point() \
-                and torch.equal(ids.flatten().long(), torch.arange(n)):
+        if ids.numel == n and len(ids.shape) <= 2 and not ids.dtype.is_floating_point \
+                and torch.equal(read(ids).flatten().long(), torch.arange(n)):
             notes.append(f"dropped {source[_POSITION_IDS]} (equal to arange({n}))")
         else:
             unexpected.append(f"{source[_POSITION_IDS]} (a position_ids buffer that is not "
-                              f"arange({n}): shape {tuple(ids.shape)}, dtype {ids.dtype})")
+                              f"arange({n}): shape {ids.shape}, dtype {ids.dtype})")
 
     bias = state.get("lm_head.bias")
-    if bias is not None and bias.is_floating_point() and not bias.any():
+    if bias is not None and bias.dtype.is_floating_point \
+            and bias.shape == expected.get("lm_head.bias") and not read(bias).any():
         notes.append("lm_head.bias is all zeros: Phi-2's is not, so it was probably dropped and "
                      "re-created on the way (transformers 4.48.0 or >= 4.52 llava)")
     unexpected += [source[k] for k in state if k not in expected]
     missing = [stored_name(k) for k in expected if k not in state]
     mismatched = [
-        f"{source[k]} (expected {expected[k]}, found {tuple(state[k].shape)})"
-        for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+        f"{source[k]} (expected {expected[k]}, found {state[k].shape})"
+        for k in expected if k in state and state[k].shape != expected[k]]
     mismatched += [f"{source[k]} (dtype {state[k].dtype} is not floating point)"
-                   for k in expected if k in state and not state[k].is_floating_point()]
+                   for k in expected if k in state and not state[k].dtype.is_floating_point]
 
     bias_trap = layout != LAYOUT_ORIGINAL and "lm_head.bias" not in state
     if bias_trap:
@@ -369,19 +527,74 @@ def _map_and_verify(raw: dict[str, torch.Tensor], cfg: LlavaPhiConfig, model_typ
     return state, layout, notes
 
 
+@dataclass
+class _Verified:
+    """A checkpoint whose config, keys, shapes and dtypes passed, before any weight is read."""
+
+    cfg: LlavaPhiConfig
+    info: CheckpointInfo
+    state: dict[str, _Stored]  # model key -> stored tensor
+    source: _WeightSource
+
+    def in_file_order(self) -> list[tuple[str, _Stored]]:
+        """(model key, stored) file by file, each file front to back (sequential reads)."""
+        files = {s.path: i for i, s in enumerate(self.state.values())}
+        return sorted(self.state.items(), key=lambda kv: (files[kv[1].path], kv[1].offset))
+
+    def progress(self, threshold: int) -> tqdm:
+        total = sum(s.nbytes for s in self.state.values())
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                    desc=f"reading {self.info.path.name}", disable=total <= threshold,
+                    leave=False)
+
+
+def _verify(model_dir: str | Path) -> _Verified:
+    """Config and weight-file headers read and checked; no tensor data read but the tiny ones
+    _map_and_verify needs."""
+    d = Path(model_dir)
+    cfg, model_type = _read_config(d)
+    fmt, files, raw, source = _scan_weights(d)
+    try:
+        state, layout, notes = _map_and_verify(raw, cfg, model_type, d, source.read)
+    except BaseException:
+        source.close()
+        raise
+    info = CheckpointInfo(
+        path=d, layout=layout, weight_format=fmt, files=tuple(p.name for p in files),
+        dtypes=tuple(sorted({str(s.dtype).removeprefix("torch.") for s in state.values()})),
+        num_parameters=sum(s.numel for s in state.values()), notes=tuple(notes))
+    return _Verified(cfg, info, state, source)
+
+
 def read_checkpoint(model_dir: str | Path,
                     progress_threshold_bytes: int = DEFAULT_PROGRESS_THRESHOLD_BYTES,
                     ) -> tuple[LlavaPhiConfig, dict[str, torch.Tensor], CheckpointInfo]:
-    """Config, verified state dict (model keys, tensors as stored) and what was read."""
-    d = Path(model_dir)
-    cfg, model_type = _read_config(d)
-    fmt, files, raw = _read_weights(d, progress_threshold_bytes)
-    state, layout, notes = _map_and_verify(raw, cfg, model_type, d)
-    info = CheckpointInfo(
-        path=d, layout=layout, weight_format=fmt, files=tuple(p.name for p in files),
-        dtypes=tuple(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})),
-        num_parameters=sum(t.numel() for t in state.values()), notes=tuple(notes))
-    return cfg, state, info
+    """Config, verified state dict (model keys, tensors as stored) and what was read.
+
+    Holds every tensor in memory (.bin ones memory-mapped); load_model and convert_checkpoint
+    read one tensor at a time instead.
+    """
+    ckpt = _verify(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    with ckpt.source, ckpt.progress(progress_threshold_bytes) as bar:
+        for key, stored in ckpt.in_file_order():
+            state[key] = ckpt.source.read(stored)
+            bar.update(stored.nbytes)
+    return ckpt.cfg, {k: state[k] for k in ckpt.state}, ckpt.info
+
+
+def _assign(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Make `value` the parameter (or buffer) `key`, as load_state_dict(assign=True) would."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(
+            value, requires_grad=True if old is None else old.requires_grad)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise RuntimeError(f"{key} is neither a parameter nor a buffer of the model")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
@@ -390,28 +603,57 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                ) -> LlavaPhiForCausalLM:
     """Read, verify and build a model in eval mode; dtype None keeps the stored dtype.
 
-    The model is built on the meta device and takes the checkpoint's tensors as its parameters
-    (no random initialisation); `model.checkpoint_info` says what was read.
+    Every key, shape and dtype is verified from the weight files' headers first. The model is
+    built on the meta device (no random initialisation) and then takes its tensors one at a
+    time: read, cast to `dtype`, moved to `device`, made the parameter, the temporary dropped
+    before the next one. Host memory therefore peaks at about the model on `device` plus one
+    tensor for safetensors (the canonical format; nothing when device is a GPU with its own
+    memory). A zip .bin is memory-mapped: the file's pages that were read count towards the
+    process's RSS until loading ends (they are clean page cache the kernel can reclaim, but the
+    RSS peak is up to the file plus the model); a legacy (pre-zip) .bin is read whole first.
+    `model.checkpoint_info` says what was read.
     """
-    cfg, state, info = read_checkpoint(model_dir, progress_threshold_bytes)
-    if dtype is None:
-        stored = {t.dtype for t in state.values()}
-        if len(stored) > 1:
-            raise CheckpointError(f"{info.path}: tensors are stored in several dtypes "
-                                  f"({', '.join(info.dtypes)}); pass an explicit dtype")
-        dtype = stored.pop()
-    with torch.device("meta"):
-        model = LlavaPhiForCausalLM(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    # cos/sin are computed on the CPU in fp32 and then moved and cast with everything else,
-    # exactly as for a model built normally and moved with .to(device, dtype).
+    ckpt = _verify(model_dir)
+    with ckpt.source:
+        if dtype is None:
+            stored = {s.dtype for s in ckpt.state.values()}
+            if len(stored) > 1:
+                raise CheckpointError(f"{ckpt.info.path}: tensors are stored in several dtypes "
+                                      f"({', '.join(ckpt.info.dtypes)}); pass an explicit dtype")
+            dtype = stored.pop()
+        with torch.device("meta"):
+            model = LlavaPhiForCausalLM(ckpt.cfg)
+        on_cpu = torch.device(device).type == "cpu"
+        # A safetensors tensor that is already in the target dtype (on the CPU) is read straight
+        # into the tensor that becomes the parameter. Any other is read into one staging buffer,
+        # reused for every tensor, and .to() makes the parameter from it: one transient the size
+        # of the largest such tensor, instead of a temporary per tensor (which the allocator may
+        # not give back, leaving the heap fragmented).
+        staged = [s.nbytes for s in ckpt.state.values()
+                  if s.offset >= 0 and not (on_cpu and s.dtype == dtype)]
+        staging = torch.empty(max(staged), dtype=torch.uint8) if staged else None
+        with ckpt.progress(progress_threshold_bytes) as bar:
+            for key, stored_tensor in ckpt.in_file_order():
+                direct = stored_tensor.offset < 0 or (on_cpu and stored_tensor.dtype == dtype)
+                tensor = ckpt.source.read(stored_tensor, None if direct else staging)
+                # .bin tensors are copied: they belong to the file's mmap (or to the dict a
+                # legacy torch.load returned); a staged one always is, by .to() itself.
+                value = tensor.to(device=device, dtype=dtype, copy=stored_tensor.offset < 0)
+                del tensor
+                ckpt.source.release(stored_tensor)
+                _assign(model, key, value)
+                del value
+                bar.update(stored_tensor.nbytes)
+            del staging
+    # cos/sin are computed on the CPU in fp32 and then moved with everything else, exactly as
+    # for a model built normally and moved with .to(device, dtype) (which leaves the tensors
+    # just loaded as they are: they already have that device and dtype).
     model.rebuild_buffers("cpu")
     model.to(device=device, dtype=dtype)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:  # a new non-persistent buffer that rebuild_buffers does not know
         raise RuntimeError(f"tensors left on the meta device after loading: {_names(still_meta)}")
-    model.checkpoint_info = info
+    model.checkpoint_info = ckpt.info
     return model.eval()
 
 
@@ -452,16 +694,89 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    """Tensors whose dtype and shape are known up front, each produced only when asked for.
+
+    The writers take these where they take a state dict, and write them one at a time (convert
+    streams a checkpoint through one; the memory benchmark writes random weights through one).
+    """
+
+    def __init__(self, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 produce: Callable[[str], torch.Tensor]):
+        self.specs = dict(specs)
+        self._produce = produce
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.specs:
+            raise KeyError(key)
+        return self._produce(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _spec(state: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) of one tensor of a state dict, without producing a lazy one."""
+    if isinstance(state, _LazyTensors):
+        return state.specs[key]
+    return state[key].dtype, tuple(state[key].shape)
+
+
+def _spec_nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    return math.prod(spec[1]) * spec[0].itemsize
+
+
+def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor],
+                       metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written one tensor at a time (only one is ever produced at once).
+
+    Byte for byte what safetensors' save_file writes (same tensor order: later dtype names
+    first, then by name; header padded with spaces to a multiple of 8), without its in-memory
+    copy of every tensor.
+    """
+    specs = {k: _spec(state, k) for k in state}
+    unknown = sorted({str(dt) for dt, _ in specs.values() if dt not in _SAFETENSORS_NAMES})
+    if unknown:
+        raise ValueError(f"safetensors cannot store {', '.join(unknown)}")
+    rank = {dt: i for i, dt in enumerate(_SAFETENSORS_DTYPES.values())}
+    order = sorted(specs, key=lambda k: (-rank[specs[k][0]], k))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    position = 0
+    for key in order:
+        dtype, shape = specs[key]
+        end = position + _spec_nbytes(specs[key])
+        header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                       "data_offsets": [position, end]}
+        position = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in order:
+            tensor = state[key].detach().cpu().contiguous()
+            if (tensor.dtype, tuple(tensor.shape)) != specs[key]:
+                raise ValueError(f"{key}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"announced {specs[key][0]} {specs[key][1]}")
+            if tensor.numel():
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor
+
+
 def _split_by_bytes(state: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
     """Consecutive key groups of at most max_bytes each (a bigger tensor gets its own)."""
     groups: list[list[str]] = [[]]
     size = 0
-    for key, tensor in state.items():
-        if max_bytes is not None and groups[-1] and size + tensor.nbytes > max_bytes:
+    for key in state:
+        nbytes = _spec_nbytes(_spec(state, key))
+        if max_bytes is not None and groups[-1] and size + nbytes > max_bytes:
             groups.append([])
             size = 0
         groups[-1].append(key)
-        size += tensor.nbytes
+        size += nbytes
     return groups
 
 
@@ -475,25 +790,28 @@ def _split_by_count(keys: list[str], shards: int) -> list[list[str]]:
 
 def _write_weights(state: Mapping[str, torch.Tensor], d: Path, fmt: str,
                    groups: list[list[str]]) -> list[str]:
-    """Write one file, or shards plus a standard index; returns the file names written."""
+    """Write one file, or shards plus a standard index; returns the file names written.
+
+    safetensors files are written one tensor at a time (`state` may be a _LazyTensors).
+    """
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
-    tensors = {k: t.detach().cpu().contiguous() for k, t in state.items()}
     if len(groups) == 1:
         names = [SAFETENSORS_FILE if fmt == "safetensors" else BIN_FILE]
     else:
         stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
         names = [f"{stem}-{i:05d}-of-{len(groups):05d}.{ext}" for i in range(1, len(groups) + 1)]
     for name, keys in zip(names, groups, strict=True):
-        part = {k: tensors[k] for k in keys}
         if fmt == "safetensors":
-            save_file(part, str(d / name), metadata={"format": "pt"})
+            _write_safetensors(d / name, _LazyTensors({k: _spec(state, k) for k in keys},
+                                                      state.__getitem__),
+                               metadata={"format": "pt"})
         else:
-            torch.save(part, d / name)
+            torch.save({k: state[k].detach().cpu().contiguous() for k in keys}, d / name)
     if len(groups) == 1:
         return names
     weight_map = {k: name for name, keys in zip(names, groups, strict=True) for k in keys}
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+    index = {"metadata": {"total_size": sum(_spec_nbytes(_spec(state, k)) for k in state)},
              "weight_map": weight_map}
     index_name = SAFETENSORS_INDEX if fmt == "safetensors" else BIN_INDEX
     _write_json(d / index_name, index)
@@ -632,18 +950,29 @@ def convert_checkpoint(src_dir: str | Path, dst_dir: str | Path, overwrite: bool
     """Any supported layout -> the canonical one, with tokenizer and preprocessing; atomic.
 
     Tensors are written exactly as stored (each keeps its dtype: no up- or down-cast); only the
-    key names and the file layout change. Returns what was read from src_dir.
+    key names and the file layout change. They are read and written one at a time (for a
+    safetensors source host memory holds one tensor; a .bin source is memory-mapped). Returns
+    what was read from src_dir.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: converting a checkpoint onto itself is not supported")
     _check_out_dir(dst, overwrite)  # before reading gigabytes
-    cfg, state, info = read_checkpoint(src, progress_threshold_bytes)
-    try:
-        tokenizer = load_tokenizer(src)
-    except TokenizerError as exc:
-        raise CheckpointError(f"{src}: convert writes a complete directory and needs the "
-                              f"tokenizer: {exc}") from exc
-    preprocess = read_preprocess_config(src, cfg)
-    _write_canonical(state, cfg, dst, tokenizer, preprocess, max_shard_bytes, overwrite)
-    return info
+    ckpt = _verify(src)
+    with ckpt.source:
+        try:
+            tokenizer = load_tokenizer(src)
+        except TokenizerError as exc:
+            raise CheckpointError(f"{src}: convert writes a complete directory and needs the "
+                                  f"tokenizer: {exc}") from exc
+        preprocess = read_preprocess_config(src, ckpt.cfg)
+        with ckpt.progress(progress_threshold_bytes) as bar:
+            def produce(key: str) -> torch.Tensor:  # one tensor at a time, straight to the file
+                tensor = ckpt.source.read(ckpt.state[key])
+                bar.update(ckpt.state[key].nbytes)
+                return tensor
+
+            state = _LazyTensors({k: (s.dtype, s.shape) for k, s in ckpt.state.items()}, produce)
+            _write_canonical(state, ckpt.cfg, dst, tokenizer, preprocess, max_shard_bytes,
+                             overwrite)
+    return ckpt.info
