@@ -1148,6 +1148,7 @@ class AssistantCore:
                 "cameras": cameras,
                 "sessions": len(self._sessions),
                 "cache_entries": cache_entries,
+                "prefix_cache": model.prefix_cache_stats() if model is not None else {},
                 "answers": self._answers,
                 "errors": dict(self._error_counts),
             }

@@ -69,6 +69,8 @@ class AnsweringModel(Protocol):
 
     def set_prefix_cache_mb(self, megabytes: float) -> None: ...
 
+    def prefix_cache_stats(self) -> dict[str, float | int]: ...
+
     def close(self) -> None: ...
 
 
@@ -187,6 +189,10 @@ class VisionLanguageModel:
     def set_prefix_cache_mb(self, megabytes: float) -> None:
         """The memory budget for kept image prefixes (0: only the last request's)."""
         self.prefix_cache.set_budget(mib(megabytes))
+
+    def prefix_cache_stats(self) -> dict[str, float | int]:
+        """Kept prefixes: entries, MiB, budget, restores (safe from any thread)."""
+        return self.prefix_cache.stats()
 
     def close(self) -> None:
         """Free the backend's weights, caches and device memory; the model is unusable after."""

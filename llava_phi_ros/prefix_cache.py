@@ -50,7 +50,9 @@ class PrefixCache:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id(image) -> entry, LRU first
         self._live_ids: list[int] = []
         self._live_image: Any = None
-        self.restores = 0  # snapshots put back (for stats and tests)
+        # Counters other threads may read (stats) while the worker changes the entries.
+        self.nbytes = 0  # what the snapshots hold
+        self.restores = 0  # snapshots put back
 
     def prepare(self, backend: Backend, ids: Sequence[int], image: Any) -> int:
         """Make the backend's KV cache hold the longest reusable prefix of ids; returns how many
@@ -58,9 +60,11 @@ class PrefixCache:
         keep = reusable_ids(self._live_ids, self._live_image, ids, image)
         entry = self._entries.get(id(image))
         from_entry = 0 if entry is None else reusable_ids(entry.ids, entry.image, ids, image)
-        if self._image_would_be_lost(max(keep, from_entry)):
+        restoring = entry is not None and from_entry > keep
+        if self._image_would_be_lost(0 if restoring else keep) and not (
+                restoring and self._live_image is image):  # same image: its entry covers it
             self._save_live(backend)
-        if entry is not None and from_entry > keep:
+        if restoring:
             backend.restore(entry.snapshot, expanded_length(ids[:from_entry],
                                                             self.num_image_tokens))
             self._entries.move_to_end(id(image))
@@ -82,17 +86,25 @@ class PrefixCache:
     def _save_live(self, backend: Backend) -> None:
         """Snapshot the live sequence under its image (replacing that image's older entry)."""
         n = expanded_length(self._live_ids, self.num_image_tokens)
-        old = self._entries.pop(id(self._live_image), None)
+        key = id(self._live_image)
+        old = self._entries.get(key)
         if old is not None and old.ids[:len(self._live_ids)] == self._live_ids:
-            self._entries[id(self._live_image)] = old  # it already holds all of this
+            self._entries.move_to_end(key)  # it already holds all of this
             return
+        self._drop(key)
         if self.budget_bytes <= 0:
             return
         snapshot = backend.snapshot(n)
         if snapshot.nbytes > self.budget_bytes:
             return  # one frame's prefix alone exceeds the budget
-        self._entries[id(self._live_image)] = _Entry(self._live_ids, self._live_image, snapshot)
+        self._entries[key] = _Entry(self._live_ids, self._live_image, snapshot)
+        self.nbytes += snapshot.nbytes
         self._evict()
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.snapshot.nbytes
 
     def set_budget(self, budget_bytes: int) -> None:
         """A new byte budget (live: evicts at once)."""
@@ -101,16 +113,13 @@ class PrefixCache:
 
     def _evict(self) -> None:
         while self._entries and self.nbytes > self.budget_bytes:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
 
     def clear(self) -> None:
         """Forget everything, the live sequence included (the next request prefills it all)."""
         self._entries.clear()
+        self.nbytes = 0
         self._live_ids, self._live_image = [], None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.snapshot.nbytes for e in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
