@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llava_phi_ros.model.checkpoint import (
@@ -20,6 +23,9 @@ from llava_phi_ros.model.checkpoint import (
     SAFETENSORS_INDEX,
     CheckpointError,
     CheckpointMismatchError,
+    _verify,
+    _WeightSource,
+    _write_safetensors,
     convert_checkpoint,
     load_model,
     read_checkpoint,
@@ -27,7 +33,7 @@ from llava_phi_ros.model.checkpoint import (
     save_llava_hf_layout,
     save_original_layout,
 )
-from llava_phi_ros.model.config import ConfigError
+from llava_phi_ros.model.config import ConfigError, tiny_config
 from llava_phi_ros.model.llava_phi import LlavaPhiForCausalLM
 from llava_phi_ros.model.preprocess import ImagePreprocessConfig
 from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
@@ -39,6 +45,7 @@ SEED = 1
 PROMPT = [5, 17, 3, IMAGE_TOKEN_INDEX, 9, 42, 7, 11]
 FC1 = "model.layers.0.mlp.fc1.weight"
 POSITION_IDS = "model.vision_tower.vision_model.embeddings.position_ids"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -470,3 +477,195 @@ def test_convert_refuses_preprocessing_for_another_image_size(tmp_path, model):
     with pytest.raises(CheckpointError, match=r"cannot parse preprocessor_config\.json"):
         convert_checkpoint(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+
+
+# ----- tensor-by-tensor loading ----------------------------------------------------------------
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_every_layout_loads_bit_identical_parameters(tmp_path, model, name):
+    """What the old read-everything path gave: the saved tensors, cast with .to(dtype)."""
+    write = WRITERS[name][0]
+    for stored in (torch.float32, torch.bfloat16):
+        source = model if stored == torch.float32 else random_tiny_model(seed=SEED).to(stored)
+        saved = source.state_dict()
+        d = write(source, tmp_path / f"{name}-{stored}")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, None):
+            loaded = load_model(d, dtype=dtype).state_dict()
+            assert loaded.keys() == saved.keys()
+            for key, tensor in saved.items():
+                want = tensor if dtype is None else tensor.to(dtype)
+                assert loaded[key].dtype == want.dtype, (key, stored, dtype)
+                assert torch.equal(loaded[key], want), (key, stored, dtype)
+
+
+def _record_reads(monkeypatch) -> list[str]:
+    """The stored names of every tensor whose data a _WeightSource reads from now on."""
+    reads: list[str] = []
+    real = _WeightSource.read
+
+    def read(self, stored, staging=None):
+        reads.append(stored.name)
+        return real(self, stored, staging)
+
+    monkeypatch.setattr(_WeightSource, "read", read)
+    return reads
+
+
+def test_verification_reads_only_the_tiny_tensors(tmp_path, model, monkeypatch):
+    d = original_with(tmp_path, model, lambda s: s.update({FC1: torch.zeros(81, 40),
+                                                           POSITION_IDS: torch.arange(5)[None]}))
+    reads = _record_reads(monkeypatch)
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches: model\.layers\.0"):
+        load_model(d)
+    assert sorted(reads) == ["lm_head.bias", POSITION_IDS]  # the checks' own, nothing else
+
+    reads.clear()
+    src = save_original_layout(model, tmp_path / "ok", shards=3, tokenizer=build_byte_tokenizer())
+    load_model(src)  # then each tensor exactly once (plus the bias for the all-zero check)
+    assert sorted(reads) == sorted([*model.state_dict(), "lm_head.bias"])
+    reads.clear()
+    convert_checkpoint(src, tmp_path / "dst")  # convert streams the same way
+    assert sorted(reads) == sorted([*model.state_dict(), "lm_head.bias"])
+
+
+def _edit_safetensors(path: Path, header=None, data=None, raw=None) -> None:
+    """Rewrite a .safetensors file through edits of its header (a dict), data and whole bytes."""
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    head, body = json.loads(blob[8:8 + n]), blob[8 + n:]
+    head, body = (header or (lambda h: h))(head), (data or (lambda b: b))(body)
+    text = json.dumps(head).encode()
+    text += b" " * (-len(text) % 8)
+    blob = len(text).to_bytes(8, "little") + text + body
+    path.write_bytes((raw or (lambda b: b))(blob))
+
+
+def _last_tensor(head: dict) -> str:
+    return max((k for k in head if k != "__metadata__"), key=lambda k: head[k]["data_offsets"])
+
+
+def _shift_last(head: dict) -> dict:
+    begin, end = head[_last_tensor(head)]["data_offsets"]
+    head[_last_tensor(head)]["data_offsets"] = [begin - 4, end - 4]
+    return head
+
+
+CORRUPTIONS = {
+    "too short": ({"raw": lambda b: b[:5]}, r"5 bytes, too short for the 8-byte header length"),
+    "header length": ({"raw": lambda b: (10**6).to_bytes(8, "little") + b[8:]},
+                      r"a header of 1000000 bytes in a file of \d+ bytes"),
+    "not json": ({"raw": lambda b: b[:8] + b"{nope" + b[13:]}, r"the header is not JSON"),
+    "not an object": ({"header": lambda h: [h]}, r"the header is not a JSON object"),
+    "metadata": ({"header": lambda h: {**h, "__metadata__": [1]}},
+                 r"__metadata__ is not a JSON object"),
+    "dtype": ({"header": lambda h: {**h, FC1: {**h[FC1], "dtype": "X16"}}},
+              rf"tensor {FC1}: unsupported dtype 'X16'"),
+    "negative": ({"header": lambda h: {**h, FC1: {**h[FC1], "shape": [-80, 40]}}},
+                 rf"tensor {FC1}: bad shape \[-80, 40\]"),
+    "size": ({"header": lambda h: {**h, FC1: {**h[FC1], "shape": [81, 40]}}},
+             rf"tensor {FC1}: data_offsets \[\d+, \d+\] hold 12800 bytes, but shape \[81, 40\] of "
+             r"F32 needs 12960"),
+    "overlap": ({"header": _shift_last}, r"tensor \S+: data starts at byte \d+ of the data "
+                                         r"section, expected \d+ \(overlap\)"),
+    "trailing bytes": ({"data": lambda b: b + bytes(8)},
+                       r"the header describes \d+ bytes of tensor data, the file holds \d+$"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corrupt_safetensors_header_is_refused(tmp_path, model, name):
+    edits, detail = CORRUPTIONS[name]
+    d = save_original_layout(model, tmp_path / "ckpt")
+    _edit_safetensors(d / SAFETENSORS_FILE, **edits)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: corrupt safetensors file: "
+                                              rf"{detail}"):
+        load_model(d)
+    with pytest.raises(SafetensorError):  # the safetensors library refuses the file too
+        with safe_open(str(d / SAFETENSORS_FILE), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+
+
+def test_file_shrunk_after_verification_is_corrupt(tmp_path, model):
+    d = save_original_layout(model, tmp_path / "ckpt")
+    ckpt = _verify(d)
+    with ckpt.source:
+        (d / SAFETENSORS_FILE).write_bytes((d / SAFETENSORS_FILE).read_bytes()[:-10])
+        last = max(ckpt.state.values(), key=lambda s: s.offset)
+        with pytest.raises(CheckpointError, match=rf"model\.safetensors: corrupt safetensors file:"
+                                                  rf" it ends inside tensor {last.name}"):
+            ckpt.source.read(last)
+
+
+def test_streaming_writer_is_byte_identical_to_save_file(tmp_path, model):
+    state = {**model.state_dict(), "h": torch.randn(3).half(), "b": torch.randn(2).bfloat16(),
+             "i": torch.arange(4), "t": torch.randn(4, 3).t(), "s": torch.tensor(1.5),
+             "e": torch.ones(0, 2), "q": torch.ones(2, dtype=torch.bool)}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "lib.safetensors",
+              metadata={"format": "pt"})
+    _write_safetensors(tmp_path / "ours.safetensors", state, metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == \
+        (tmp_path / "lib.safetensors").read_bytes()
+
+
+# A model of ~170 MB in fp16 (~340 MB in fp32): Phi layers of width 768, tiny vision tower.
+MEMORY_CFG = tiny_config().with_text(vocab_size=8192, hidden_size=768, intermediate_size=3072,
+                                     num_hidden_layers=10, num_attention_heads=8)
+# Runs in a fresh interpreter: peak RSS of one load_model above the peak before it, as JSON.
+# The peak is the process's own (VmHWM): ru_maxrss would start at this test process's peak,
+# which Linux carries over into a child through fork and exec.
+MEASURE_LOAD = r"""
+import json, sys, tempfile
+import torch
+from llava_phi_ros.model.checkpoint import load_model, save_canonical
+from llava_phi_ros.model.config import tiny_config
+from llava_phi_ros.model.llava_phi import LlavaPhiForCausalLM
+
+def peak_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+stored, target = getattr(torch, sys.argv[2]), getattr(torch, sys.argv[3])
+# Warm up on a tiny checkpoint with the same dtypes: torch's one-off costs (thread pools,
+# library code paged in on first use: ~80 MB) belong to the baseline, not to the model.
+with tempfile.TemporaryDirectory() as tmp:
+    tiny = save_canonical(LlavaPhiForCausalLM(tiny_config()).to(stored), tmp + "/tiny")
+    load_model(tiny, "cpu", target)
+base = peak_bytes()
+model = load_model(sys.argv[1], "cpu", target)
+print(json.dumps({"peak_bytes": peak_bytes() - base,
+                  "weight_bytes": sum(t.nbytes for t in model.state_dict().values())}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fp16_checkpoint(tmp_path_factory) -> Path:
+    with torch.device("meta"):
+        big = LlavaPhiForCausalLM(MEMORY_CFG)
+    big.half().rebuild_buffers("cpu")  # the rotary tables cannot be moved off meta
+    big.to_empty(device="cpu")  # fp16 from the start: no fp32 copy
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in big.parameters():
+            p.normal_(0.0, 0.02, generator=generator)
+    return save_canonical(big, tmp_path_factory.mktemp("big") / "fp16")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads VmHWM from /proc/self/status")
+def test_loading_peaks_near_one_copy_of_the_weights(fp16_checkpoint):
+    """Host memory: ~the model plus one tensor (the old path held the stored weights too).
+
+    fp16 -> fp16 reads each tensor into its parameter; fp16 -> fp32 goes through the staging
+    buffer. Both run at once, each in its own interpreter.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    procs = {target: subprocess.Popen(
+        [sys.executable, "-c", MEASURE_LOAD, str(fp16_checkpoint), "float16", target],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        for target in ("float16", "float32")}
+    for target, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        ratio = result["peak_bytes"] / result["weight_bytes"]
+        assert result["weight_bytes"] > 150e6 * (2 if target == "float32" else 1)
+        assert 0.9 < ratio < 1.3, (target, result)  # above 0.9: the measurement sees the model
