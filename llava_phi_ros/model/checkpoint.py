@@ -225,13 +225,15 @@ def _find_weights(d: Path) -> tuple[str, list[Path], dict[str, str] | None]:
 
 # safetensors dtype names -> torch dtypes, in safetensors' own order of the names (its writer
 # stores the tensors of later names first; _write_safetensors does the same). Names this torch
-# has no dtype for are left out (uint16/32/64 are torch >= 2.3).
+# has no dtype for are left out (F4, F6_*; uint16/32/64 are torch >= 2.3).
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr) for name, attr in (
         ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("F8_E5M2", "float8_e5m2"),
-        ("F8_E4M3", "float8_e4m3fn"), ("I16", "int16"), ("U16", "uint16"), ("F16", "float16"),
-        ("BF16", "bfloat16"), ("I32", "int32"), ("U32", "uint32"), ("F32", "float32"),
-        ("F64", "float64"), ("I64", "int64"), ("U64", "uint64"))
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("I16", "int16"),
+        ("U16", "uint16"), ("F16", "float16"), ("BF16", "bfloat16"), ("I32", "int32"),
+        ("U32", "uint32"), ("F32", "float32"), ("C64", "complex64"), ("F64", "float64"),
+        ("I64", "int64"), ("U64", "uint64"))
     if hasattr(torch, attr)}
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses bigger headers too
