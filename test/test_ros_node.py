@@ -399,6 +399,9 @@ def test_diagnostics_warn_about_the_toy_model(graph, node):
     assert wait_for(toy_warning, timeout_s=10, what="toy-model WARN on /diagnostics")
     cameras = [s for a in got for s in a.status if "camera front" in s.name]
     assert cameras and any(kv.key == "rate_hz" for kv in cameras[-1].values)
+    queries = [s for a in got for s in a.status if s.name.endswith("queries")]
+    keys = {kv.key for kv in queries[-1].values}
+    assert {"prefix_cache_entries", "prefix_cache_mb", "prefix_cache_budget_mb"} <= keys
 
 
 def test_sessions_stay_on_their_first_frame_and_expire(graph):

@@ -573,8 +573,9 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
     out.append(status("queries", DiagnosticStatus.OK, "ok",
                       {"queue_depth": stats.get("queue_depth"), "running": stats.get("running"),
                        "answers": stats.get("answers"),
-                       "sessions": stats.get("sessions"), **{f"latency_{k}": v for k, v in
-                                                              latency.items()},
+                       "sessions": stats.get("sessions"),
+                       **{f"prefix_cache_{k}": v for k, v in stats.get("prefix_cache", {}).items()},
+                       **{f"latency_{k}": v for k, v in latency.items()},
                        **{f"errors_{k}": v for k, v in stats.get("errors", {}).items()}}))
     for camera, cam in stats.get("cameras", {}).items():
         problem = cam.get("problem", "")
