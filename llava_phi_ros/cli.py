@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate, include_model_args=False)
     add_train_arguments(sub.add_parser(
         "train", help="staged training (0: parts alone, 1: projector, 2: projector + LLM)"))
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser(
+        "bench", help="time the backends against stock transformers on the same weights"))
     return parser
 
 
@@ -217,8 +221,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Vision, prefill, first-token, decode and memory figures (see llava_phi_ros.bench)."""
+    from .bench import BenchError, run_bench
+
+    try:
+        return run_bench(args)
+    except BenchError as exc:
+        raise CliError(str(exc), exc.exit_code) from exc
+
+
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
-            "eval": cmd_eval, "train": cmd_train}
+            "eval": cmd_eval, "train": cmd_train, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
