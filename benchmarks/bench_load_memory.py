@@ -2,19 +2,24 @@
 
 The checkpoint has the llava-phi-3b geometry (LlavaPhiConfig's defaults: CLIP ViT-L/14-336,
 mlp2x_gelu projector, Phi-2 with 2560 hidden and 32 layers; about 3.1 B parameters) and random
-fp16 weights. It is written tensor by tensor (the model is never in memory as a whole; a .bin
-copy, with --bin, is: torch.save takes a dict) into a temporary directory (about 6.2 GB, 12.4 GB
-with --bin), and each case loads it with `load_model(dir, "cpu", dtype)` in a fresh interpreter.
+weights, fp16 unless --stored says otherwise. It is written tensor by tensor (never the whole
+model in memory; the .bin copy of --bin is, torch.save takes a dict) into a temporary directory
+(6.2 GB in fp16, twice that with --bin), and each case loads it with
+`load_model(dir, "cpu", dtype)` in a fresh interpreter.
 
 Peak = ru_maxrss after load_model minus ru_maxrss after `import torch` and the package imports
 (so torch's one-off costs on first use, ~80 MB, count as the model's). VmHWM (the process's own
 peak, Linux) is reported too: Linux carries a parent's ru_maxrss into its children through fork
-and exec, so this script's own process imports no torch, and the two agree. The old loader (read
-every tensor, then model.to) peaked at about twice the weights; the new one should be ~1x plus
-its largest tensor (the embedding or lm_head: 262 MB in fp16, 524 MB in fp32).
+and exec, so this script's own process imports no torch, and the two agree. "used" is the same
+peak once every tensor has been read: a loader that leaves parameters as views of a file mmap
+(the old one did when the dtype did not change: safetensors' get_tensor maps the file) shows its
+real footprint only then. For safetensors the loader should peak at ~1x the loaded model, plus
+its largest tensor when casting (the embedding or lm_head: 250 MiB in fp16); a .bin is mapped
+and its pages stay resident until loading ends (clean page cache the kernel can reclaim).
 
     .venv/bin/python benchmarks/bench_load_memory.py [--layers 32] [--dir /tmp] [--bin]
-        [--targets float16,float32] [--source-tree PATH] [--keep] [--json FILE]
+        [--stored float16] [--targets float16,float32] [--source-tree PATH] [--keep]
+        [--json FILE]
 
 --source-tree measures the llava_phi_ros of another checkout (e.g. an older commit, for a
 before/after comparison) on the same checkpoint; it is written with this checkout's package.
@@ -46,14 +51,14 @@ from llava_phi_ros.model.config import LlavaPhiConfig
 from llava_phi_ros.model.llava_phi import LlavaPhiForCausalLM
 
 out, layers, fmt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+stored = getattr(torch, sys.argv[4])
 cfg = LlavaPhiConfig().with_text(num_hidden_layers=layers)
 with torch.device("meta"):
-    specs = {k: (torch.float16, tuple(t.shape))
-             for k, t in LlavaPhiForCausalLM(cfg).state_dict().items()}
+    specs = {k: (stored, tuple(t.shape)) for k, t in LlavaPhiForCausalLM(cfg).state_dict().items()}
 generator = torch.Generator().manual_seed(0)
 
 def produce(key):
-    return torch.empty(specs[key][1], dtype=torch.float16).normal_(0.0, 0.02, generator=generator)
+    return torch.empty(specs[key][1], dtype=stored).normal_(0.0, 0.02, generator=generator)
 
 start = time.perf_counter()
 if fmt == "safetensors":  # the project's own writer: one tensor in memory at a time
@@ -63,10 +68,11 @@ else:  # torch.save needs the whole state dict
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_original_dict()))
     torch.save({k: produce(k) for k in specs}, out / BIN_FILE)
-nbytes = [2 * int(torch.Size(shape).numel()) for _, shape in specs.values()]
-print(json.dumps({"seconds": time.perf_counter() - start, "weight_bytes": sum(nbytes),
-                  "largest_bytes": max(nbytes), "tensors": len(specs),
-                  "parameters": sum(nbytes) // 2}))
+numels = [int(torch.Size(shape).numel()) for _, shape in specs.values()]
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "weight_bytes": sum(numels) * stored.itemsize,
+                  "largest_bytes": max(numels) * stored.itemsize, "tensors": len(specs),
+                  "parameters": sum(numels)}))
 """
 
 # Runs in a fresh interpreter: one load_model, its peak host memory over the post-import one.
@@ -92,9 +98,13 @@ start = time.perf_counter()
 model = load_model(sys.argv[1], "cpu", getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start
 peak, peak_hwm = maxrss(), hwm()
+with torch.no_grad():  # first use: a parameter that is a view of a file mmap is paged in now
+    for t in model.state_dict().values():
+        t.sum()
 print(json.dumps({
     "module": checkpoint.__file__, "seconds": seconds, "baseline_bytes": base,
     "peak_bytes": peak - base, "peak_hwm_bytes": None if base_hwm is None else peak_hwm - base_hwm,
+    "touched_peak_bytes": maxrss() - base,
     "model_bytes": sum(t.nbytes for t in model.state_dict().values())}))
 """
 
@@ -120,6 +130,8 @@ def main() -> int:
                         help="also measure a pytorch_model.bin copy (6.2 GB more disk)")
     parser.add_argument("--source-tree", type=Path, default=REPO,
                         help="checkout whose llava_phi_ros is measured (default: this one)")
+    parser.add_argument("--stored", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="dtype the checkpoint is written in (default: float16)")
     parser.add_argument("--targets", default="float16,float32",
                         help="comma-separated dtypes to load into (default: float16,float32)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint directory")
@@ -139,17 +151,18 @@ def main() -> int:
     try:
         formats = ["safetensors", *(["bin"] if args.bin else [])]
         for fmt in formats:
-            written = _run(WRITE, [str(root / fmt), str(args.layers), fmt], REPO)
+            written = _run(WRITE, [str(root / fmt), str(args.layers), fmt, args.stored], REPO)
             results[f"written_{fmt}"] = written
             print(f"wrote {fmt}: {written['parameters'] / 1e9:.3f} B parameters, "
-                  f"{written['weight_bytes'] / 2**30:.2f} GiB fp16 in {written['tensors']} "
-                  f"tensors (largest {written['largest_bytes'] / 2**20:.0f} MiB), "
-                  f"{written['seconds']:.1f} s", flush=True)
+                  f"{written['weight_bytes'] / 2**30:.2f} GiB {args.stored} in "
+                  f"{written['tensors']} tensors (largest "
+                  f"{written['largest_bytes'] / 2**20:.0f} MiB), {written['seconds']:.1f} s",
+                  flush=True)
             if hasattr(os, "sync"):
                 os.sync()  # the file's writeback would otherwise slow the first load down
             for target in args.targets.split(","):
                 m = _run(MEASURE, [str(root / fmt), target], args.source_tree)
-                m |= {"format": fmt, "stored": "float16", "target": target,
+                m |= {"format": fmt, "stored": args.stored, "target": target,
                       "ratio": m["peak_bytes"] / m["model_bytes"],
                       "over_model_bytes": m["peak_bytes"] - m["model_bytes"]}
                 results["cases"].append(m)
@@ -160,19 +173,21 @@ def main() -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\nload_model(dir, 'cpu', dtype), {args.layers} Phi layers, stored fp16; "
+    print(f"\nload_model(dir, 'cpu', dtype), {args.layers} Phi layers, stored {args.stored}; "
           f"llava_phi_ros from {args.source_tree}; {results['machine']}")
     head = (f"{'format':<12} {'target':<8} {'model GiB':>9} {'peak GiB':>9} {'peak/model':>10} "
-            f"{'over MiB':>9} {'VmHWM GiB':>9} {'load s':>7}")
+            f"{'over MiB':>9} {'VmHWM GiB':>9} {'used GiB':>8} {'load s':>7}")
     print(head)
     print("-" * len(head))
     for c in results["cases"]:
         hwm = "n/a" if c["peak_hwm_bytes"] is None else f"{c['peak_hwm_bytes'] / 2**30:.2f}"
         print(f"{c['format']:<12} {c['target']:<8} {c['model_bytes'] / 2**30:>9.2f} "
               f"{c['peak_bytes'] / 2**30:>9.2f} {c['ratio']:>10.3f} "
-              f"{c['over_model_bytes'] / 2**20:>9.0f} {hwm:>9} {c['seconds']:>7.1f}")
-    print("peak = ru_maxrss after load_model - ru_maxrss after the imports; "
-          "over = peak - the loaded model's bytes")
+              f"{c['over_model_bytes'] / 2**20:>9.0f} {hwm:>9} "
+              f"{c['touched_peak_bytes'] / 2**30:>8.2f} {c['seconds']:>7.1f}")
+    print("peak = ru_maxrss after load_model - ru_maxrss after the imports; over = peak - the "
+          "loaded model's bytes;\nused = the same peak once every tensor has been read (sum()), "
+          "which pages in parameters that are views of a file mmap")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
