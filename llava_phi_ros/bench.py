@@ -55,6 +55,7 @@ CONFIG_NAMES = ("llava-phi-3b", "tiny", "random-tiny")
 IMAGES = {"336": (336, 336), "1080p": (1920, 1080)}  # (width, height) of the camera frame
 QUESTION = "What is in front of the robot?"
 QUESTION_AGAIN = "Is the path ahead clear?"  # differs from the first character on
+PROFILE_DECODE_STEPS = 8
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
@@ -107,6 +108,7 @@ class BenchSettings:
     json_path: str | None
     plot_path: str | None
     memory: bool
+    profile_path: str | None = None
 
     def command_line(self) -> str:
         """The full command with every setting spelled out."""
@@ -126,6 +128,8 @@ class BenchSettings:
             parts += ["--json", self.json_path]
         if self.plot_path:
             parts += ["--plot", self.plot_path]
+        if self.profile_path:
+            parts += ["--profile", self.profile_path]
         return shlex.join(parts)
 
 
@@ -160,6 +164,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write every sample as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="bar charts, one per metric (needs matplotlib)")
+    p.add_argument("--profile", default=None, metavar="FILE.txt",
+                   help=f"after the timing: torch.profiler's top ops by self time for one prefill "
+                        f"and {PROFILE_DECODE_STEPS} decode steps of each backend")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -198,7 +205,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                          threads=args.threads,
                          layers=args.layers, image=args.image, new_tokens=args.new_tokens,
                          repeats=args.repeats, warmup=args.warmup, json_path=args.json,
-                         plot_path=args.plot, memory=args.memory)
+                         plot_path=args.plot, memory=args.memory, profile_path=args.profile)
 
 
 def progress(message: str) -> None:
@@ -345,6 +352,16 @@ class NoStopTokenizer:
         return getattr(self._inner, name)
 
 
+def _profiling() -> Any:
+    """torch.profiler over the CPU (and CUDA when there is one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    return profile(activities=activities)
+
+
 class ProductRunner:
     """A product backend behind VisionLanguageModel: the path the CLI and the node use."""
 
@@ -399,6 +416,23 @@ class ProductRunner:
                 "prefilled_positions": first.prompt_tokens - first.reused_prefix_tokens,
                 "repeat_prefilled_positions": again.prompt_tokens - again.reused_prefix_tokens,
                 "token_ids": first.token_ids}
+
+    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any]:
+        """Profiles of the backend calls ask() makes: one whole-prompt prefill, then
+        decode_steps greedy decode steps (vision done beforehand)."""
+        from .model.generation import embed_prompt
+
+        backend = self.vlm.backend
+        embeds = embed_prompt(backend, self.prompt_ids(QUESTION),
+                              self.vlm.encode_image(frame).features)  # (T, D)
+        with _profiling() as prefill:
+            logits = backend.prefill(embeds, 0)
+            token = int(logits.argmax())
+        with _profiling() as decode:
+            for pos in range(embeds.shape[0], embeds.shape[0] + decode_steps):
+                token = int(backend.decode_step(token, pos).argmax())
+        self.vlm.prefix_cache.clear()  # the KV cache no longer holds what it recorded
+        return prefill, decode
 
     def close(self) -> None:
         """Free the backend (weights, caches, device memory)."""
@@ -504,6 +538,23 @@ class TransformersRunner:
                 "generate_first_token_ms": _ms(gen_start, times[0]),
                 "first_token_matches_generate": first == token_ids[0],
                 "token_ids": token_ids}
+
+    @torch.inference_mode()
+    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any]:
+        """Profiles of the forwards stock generate makes: one whole-prompt prefill (default
+        dynamic cache), then decode_steps greedy steps on that cache (vision done beforehand)."""
+        pixels = torch.from_numpy(preprocess_image(frame, self.preprocess))[None]
+        embeds = self.ref.embeds(self.prompt_ids(QUESTION), self.ref.image_features(pixels))
+        with _profiling() as prefill:
+            out = self.ref.phi(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            token = int(out.logits[0, -1].argmax())
+        cache = out.cache  # transformers 5.24 names it cache (past_key_values is deprecated)
+        with _profiling() as decode:
+            for _ in range(decode_steps):
+                out = self.ref.phi(input_ids=torch.tensor([[token]], device=self.device),
+                                   cache=cache, use_cache=True, logits_to_keep=1)
+                token = int(out.logits[0, -1].argmax())
+        return prefill, decode
 
     def close(self) -> None:
         """Drop the transformers modules."""
@@ -825,6 +876,8 @@ def run_bench(args: argparse.Namespace) -> int:
         samples = run_interleaved(runners, frame, s.repeats, s.warmup)
         labels = {r.name: r.label for r in runners}
         weights = {r.name: r.weights_mib() for r in runners}
+        if s.profile_path:
+            write_profile(runners, frame, Path(s.profile_path), s.command_line())
     finally:
         for runner in runners:
             runner.close()
@@ -944,6 +997,24 @@ def format_report(report: dict[str, Any]) -> str:
             "identical" if t["same_as_baseline"] else f"differ from token {t['first_divergence']}"))
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines)
+
+
+def write_profile(runners: Sequence[Runner], frame: np.ndarray, path: Path,
+                  command: str, rows: int = 25) -> None:
+    """torch.profiler's top ops by self CPU time, one table per backend, into a text file."""
+    sections = [f"# {command}", f"# per backend: one whole-prompt prefill, then "
+                f"{PROFILE_DECODE_STEPS} greedy decode steps (vision excluded); ops sorted by "
+                "self CPU time", ""]
+    for runner in runners:
+        progress(f"profiling {runner.name}")
+        for part, prof in zip(("prefill", f"{PROFILE_DECODE_STEPS} decode steps"),
+                              runner.profiled(frame, PROFILE_DECODE_STEPS), strict=True):
+            sections += [f"## {runner.name}: {part} ({runner.label})",
+                         prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                   row_limit=rows), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sections))
+    progress(f"wrote {path}")
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
