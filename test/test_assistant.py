@@ -833,7 +833,9 @@ def test_stats_shape_and_content(make: Callable[..., Harness]) -> None:
     s = h.core.stats()
     assert set(s) == {"model_loaded", "loading", "active", "model_id", "builtin_toy",
                       "queue_depth", "running", "cameras", "latency", "sessions", "cache_entries",
-                      "answers", "errors"}
+                      "prefix_cache", "answers", "errors"}
+    assert set(s["prefix_cache"]) == {"entries", "mb", "budget_mb", "restores"}
+    assert s["prefix_cache"]["budget_mb"] == 512.0  # the parameter's default, applied per job
     assert s["model_loaded"] and s["active"] and s["builtin_toy"] and not s["loading"]
     assert "builtin:random-tiny" in s["model_id"]
     assert s["queue_depth"] == 0 and s["running"] is False

@@ -116,10 +116,12 @@ def test_fp16_survives_raw_scores_past_the_fp16_range(monkeypatch):
     raw_max = []
     real_attention = phi.attention
 
-    def spying_attention(q, keys, values, hidden):
-        raw = torch.matmul(q.float(), keys.float().transpose(-1, -2)).masked_fill(hidden, 0)
+    def spying_attention(q, keys, values, visible):
+        raw = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # (B, H, T, S)
+        if visible is not None:
+            raw = raw.masked_fill(~visible, 0)
         raw_max.append(float(raw.abs().max()))
-        return real_attention(q, keys, values, hidden)
+        return real_attention(q, keys, values, visible)
 
     monkeypatch.setattr(phi, "attention", spying_attention)
     pixels = pixels_for(model)

@@ -104,20 +104,23 @@ class LlavaPhiForCausalLM(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + t - 1} do not fit the "
                              f"KV cache of {cache.max_len}")
         positions = torch.arange(start_pos, start_pos + t, device=embeds.device)
-        return self.step(embeds, cache, positions, last_only)
+        # A prefill's shapes follow the prompt anyway: it attends over the prefix it has written
+        # (causal from position 0 without a mask), not the whole cache as the decode step does.
+        kv_len = None if cache is None else start_pos + t
+        return self.step(embeds, cache, positions, last_only, kv_len, causal=start_pos == 0)
 
     def step(self, embeds: torch.Tensor, cache: KVCache | None, positions: torch.Tensor,
-             last_only: bool = True) -> torch.Tensor:
-        """The static-shape decoder step: (B, T, D) embeddings at the (T,) positions (a device
-        tensor: nothing here reads it on the host); their keys/values go into the cache at those
-        positions and attention runs over the whole cache through a mask. The caller keeps the
+             last_only: bool = True, kv_len: int | None = None,
+             causal: bool = False) -> torch.Tensor:
+        """The decoder step: (B, T, D) embeddings at the (T,) positions (a device tensor:
+        nothing here reads it on the host); their keys/values go into the cache at those
+        positions and attention runs through a mask over the whole cache, or over its first
+        kv_len entries. causal: the positions are 0..T-1 = kv_len (no mask needed). The decode
+        step (T = 1, kv_len None) has the same shapes at every position. The caller keeps the
         positions inside the cache. fp32 logits (B, V) when last_only, else (B, T, V)."""
         cos, sin = self.model.rotary.tables(positions)
-        if cache is None:  # causal over the sequence itself
-            hidden = positions[None, :] > positions[:, None]  # (T, T)
-        else:
-            hidden = cache.hidden(positions)  # (T, S)
-        inputs = StepInputs(positions, cos, sin, hidden, cache)
+        visible = None if cache is None or causal else cache.visible(positions, kv_len)
+        inputs = StepInputs(positions, cos, sin, visible, cache, kv_len)
         x = embeds
         for i, layer in enumerate(self.model.layers):
             x = layer(x, self.model.rotary, inputs, i)

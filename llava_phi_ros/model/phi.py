@@ -21,9 +21,10 @@ class KVCache:
     """Preallocated keys and values for every layer, of a fixed length (static shapes).
 
     Positions are absolute: a step writes its keys/values at the positions it is given and
-    attends over the whole cache through a mask (key j is seen by a query at position p iff
-    j <= p). Rewinding is free: writing at an earlier position overwrites what was there, and
-    entries past the query's position are masked out.
+    attends through a mask (key j is seen by a query at position p iff j <= p): the decode step
+    over the whole cache (static shapes), a prefill over the prefix it has written. Rewinding is
+    free: writing at an earlier position overwrites what was there, and entries past the
+    query's position are masked out.
     """
 
     def __init__(self, cfg: TextConfig, max_len: int, batch: int = 1,
@@ -49,10 +50,12 @@ class KVCache:
         """Bytes that one position occupies over all layers (keys and values)."""
         return self.nbytes // self.max_len
 
-    def hidden(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T,) absolute query positions -> (T, S) bool: the cache entries each query must NOT
-        see (later positions, and whatever an earlier, longer sequence left there)."""
-        return self.key_positions > positions[:, None]
+    def visible(self, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """(T,) absolute query positions -> (T, S) bool: the cache entries (the first kv_len,
+        or all) each query sees; never later positions, nor what an earlier, longer sequence
+        left there."""
+        keys = self.key_positions if kv_len is None else self.key_positions[:kv_len]
+        return keys <= positions[:, None]
 
 
 class RotaryEmbedding(nn.Module):
@@ -93,19 +96,21 @@ class StepInputs:
     positions: torch.Tensor  # (T,) absolute positions, long
     cos: torch.Tensor  # (T, rotary_dim) fp32
     sin: torch.Tensor
-    hidden: torch.Tensor  # (T, S) bool: keys each query must not see (S = cache length, or T)
+    visible: torch.Tensor | None  # (T, S) bool: keys each query sees; None = causal over T
     cache: KVCache | None
+    kv_len: int | None = None  # attend over the cache's first kv_len entries (None: all)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-              hidden: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, safe in fp16: q (B, H, T, Dh) is scaled by 1/sqrt(Dh) BEFORE q.k (raw
-    Phi-2 q.k overflows fp16), scores and softmax are fp32 (only the (B, H, T, S) scores are
-    cast, never the cache), and the probabilities meet the values in their own dtype."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, keys.transpose(-1, -2)).float()  # (B,H,T,S)
-    scores = scores.masked_fill(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values)  # (B, H, T, Dh)
+              visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention, safe in fp16. q (B, H, T, Dh) is scaled by 1/sqrt(Dh) BEFORE q.k (raw
+    Phi-2 q.k overflows fp16); the fused kernel (CPU flash, CUDA flash / memory-efficient) keeps
+    scores and softmax in fp32 internally and never casts the cache. visible: (T, S) bool, or
+    None for causal attention over the sequence itself. Returns (B, H, T, Dh)."""
+    q = q * q.shape[-1] ** -0.5
+    if visible is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=1.0)
 
 
 class PhiAttention(nn.Module):
@@ -128,12 +133,14 @@ class PhiAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if step.cache is None:  # training: the whole sequence at once, nothing kept
             keys, values = k, v
-        else:  # write this step's entries at their positions; attend over the whole cache
+        else:  # write this step's entries at their positions, then attend through the mask
             keys = step.cache.keys[layer, :b]  # (B, H, S, Dh)
             values = step.cache.values[layer, :b]
             keys.index_copy_(2, step.positions, k)
             values.index_copy_(2, step.positions, v)
-        out = attention(q, keys, values, step.hidden)
+            if step.kv_len is not None:
+                keys, values = keys[:, :, :step.kv_len], values[:, :, :step.kv_len]
+        out = attention(q, keys, values, step.visible)
         return self.dense(out.transpose(1, 2).reshape(b, t, d))
 
 
