@@ -69,6 +69,8 @@ ANSWER_FIELDS = {
     "choice_index": "int32",
     "model_id": "string",
     "tokens_generated": "uint32",
+    "prompt_tokens": "uint32",
+    "reused_prompt_tokens": "uint32",
     "queue_ms": "float",
     "vision_ms": "float",
     "prefill_ms": "float",

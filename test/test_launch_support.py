@@ -345,8 +345,8 @@ def test_config_readme_documents_both_files_and_the_camera_driver():
 
 
 def test_backend_and_dtype_names_have_one_source():
-    from llava_phi_ros import backends, cli, pipeline
+    from llava_phi_ros import backends, cli
 
-    assert pipeline.BACKENDS is cli.BACKENDS is backends.BACKENDS
+    assert cli.BACKENDS is backends.BACKENDS
     assert parameters.SPECS["backend"].choices is backends.BACKENDS
     assert parameters.SPECS["dtype"].choices is backends.DTYPE_NAMES
