@@ -56,6 +56,12 @@ IMAGES = {"336": (336, 336), "1080p": (1920, 1080)}  # (width, height) of the ca
 QUESTION = "What is in front of the robot?"
 QUESTION_AGAIN = "Is the path ahead clear?"  # differs from the first character on
 PROFILE_DECODE_STEPS = 8
+SAMPLE_S = 0.002  # the memory child's RssAnon sampling period
+MEMORY_REQUESTS = 2  # request pairs the memory child runs (its peak is over all of them)
+# glibc in the memory child: a fixed mmap threshold (no dynamic raise) sends every block of
+# 128 KiB or more back to the OS when freed, so the peak RSS is what the backend held, not
+# what the allocator happened to keep from earlier requests.
+CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
@@ -417,14 +423,15 @@ class ProductRunner:
                 "repeat_prefilled_positions": again.prompt_tokens - again.reused_prefix_tokens,
                 "token_ids": first.token_ids}
 
-    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any]:
-        """Profiles of the backend calls ask() makes: one whole-prompt prefill, then
-        decode_steps greedy decode steps (vision done beforehand)."""
+    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any, Any]:
+        """Profiles of the backend calls encode_image() and ask() make: vision (preprocessing
+        included), one whole-prompt prefill, then decode_steps greedy decode steps."""
         from .model.generation import embed_prompt
 
         backend = self.vlm.backend
-        embeds = embed_prompt(backend, self.prompt_ids(QUESTION),
-                              self.vlm.encode_image(frame).features)  # (T, D)
+        with _profiling() as vision:
+            encoded = self.vlm.encode_image(frame)
+        embeds = embed_prompt(backend, self.prompt_ids(QUESTION), encoded.features)  # (T, D)
         with _profiling() as prefill:
             logits = backend.prefill(embeds, 0)
             token = int(logits.argmax())
@@ -432,7 +439,7 @@ class ProductRunner:
             for pos in range(embeds.shape[0], embeds.shape[0] + decode_steps):
                 token = int(backend.decode_step(token, pos).argmax())
         self.vlm.prefix_cache.clear()  # the KV cache no longer holds what it recorded
-        return prefill, decode
+        return vision, prefill, decode
 
     def close(self) -> None:
         """Free the backend (weights, caches, device memory)."""
@@ -540,11 +547,14 @@ class TransformersRunner:
                 "token_ids": token_ids}
 
     @torch.inference_mode()
-    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any]:
-        """Profiles of the forwards stock generate makes: one whole-prompt prefill (default
-        dynamic cache), then decode_steps greedy steps on that cache (vision done beforehand)."""
-        pixels = torch.from_numpy(preprocess_image(frame, self.preprocess))[None]
-        embeds = self.ref.embeds(self.prompt_ids(QUESTION), self.ref.image_features(pixels))
+    def profiled(self, frame: np.ndarray, decode_steps: int) -> tuple[Any, Any, Any]:
+        """Profiles of vision (preprocessing included) and of the forwards stock generate
+        makes: one whole-prompt prefill (default dynamic cache), then decode_steps greedy steps
+        on that cache."""
+        with _profiling() as vision:
+            pixels = torch.from_numpy(preprocess_image(frame, self.preprocess))[None]
+            features = self.ref.image_features(pixels)
+        embeds = self.ref.embeds(self.prompt_ids(QUESTION), features)
         with _profiling() as prefill:
             out = self.ref.phi(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             token = int(out.logits[0, -1].argmax())
@@ -554,7 +564,7 @@ class TransformersRunner:
                 out = self.ref.phi(input_ids=torch.tensor([[token]], device=self.device),
                                    cache=cache, use_cache=True, logits_to_keep=1)
                 token = int(out.logits[0, -1].argmax())
-        return prefill, decode
+        return vision, prefill, decode
 
     def close(self) -> None:
         """Drop the transformers modules."""
@@ -613,21 +623,24 @@ def _status_kib(field: str) -> int:
 
 class PeakMemory:
     """Peak memory above a starting point. CUDA: torch.cuda.max_memory_allocated after a reset.
-    CPU: the kernel's high-water mark of the resident set (VmHWM, reset through
-    /proc/self/clear_refs), or an RSS sampler thread (10 ms) where that reset is refused."""
+    CPU: anonymous resident memory (RssAnon: where tensors live; library code paged in from
+    disk is file-backed and left out) sampled every 2 ms by a thread; the kernel's exact peak of
+    the whole resident set (VmHWM, reset through /proc/self/clear_refs) is kept beside it."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM"
+        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                       f"RssAnon sampled every {SAMPLE_S * 1000:.0f} ms")
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
         self._sampled = 0
+        self._hwm_reset = False
 
     def current(self) -> int:
-        """Bytes in use now (allocated on CUDA, resident on CPU)."""
+        """Bytes in use now (allocated on CUDA, anonymous resident on CPU)."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return _status_kib("VmRSS") * 1024
+        return _status_kib("RssAnon") * 1024
 
     def reset(self) -> None:
         """Start a new peak from the memory in use now."""
@@ -636,15 +649,15 @@ class PeakMemory:
             return
         try:
             Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM)
+            self._hwm_reset = True
         except OSError as exc:
-            progress(f"cannot reset VmHWM ({exc}); sampling RSS every 10 ms instead")
-            self.method = "RSS sampled every 10 ms"
-            self._sampled = self.current()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
+            progress(f"cannot reset VmHWM ({exc}); only RssAnon is sampled")
+        self._sampled = self.current()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(SAMPLE_S):
             self._sampled = max(self._sampled, self.current())
 
     def peak(self) -> int:
@@ -654,8 +667,11 @@ class PeakMemory:
         if self._sampler is not None:
             self._stop.set()
             self._sampler.join()
-            return max(self._sampled, self.current())
-        return _status_kib("VmHWM") * 1024
+        return max(self._sampled, self.current())
+
+    def peak_rss(self) -> int | None:
+        """VmHWM since reset() (CPU, where the reset is allowed): all resident pages."""
+        return _status_kib("VmHWM") * 1024 if self._hwm_reset else None
 
 
 def measure_peak_memory(s: BenchSettings, name: str) -> dict[str, Any]:
@@ -675,17 +691,24 @@ def measure_peak_memory(s: BenchSettings, name: str) -> dict[str, Any]:
     meter = PeakMemory(device)
     gc.collect()
     before = meter.current()
+    rss_before = _status_kib("VmRSS") * 1024 if device.type == "cpu" else 0
     source = build_source(s)
     runner = build_runners(s, source, [name])[0]
     del source
     gc.collect()
     resident = meter.current() - before
     meter.reset()
-    runner.sample(make_frame(s.image, s.seed))
+    frame = make_frame(s.image, s.seed)
+    for _ in range(MEMORY_REQUESTS):
+        runner.sample(frame)
     peak = meter.peak() - before
+    peak_rss = meter.peak_rss()
     runner.close()
     return {"peak_mib": peak / 2**20, "resident_after_build_mib": resident / 2**20,
-            "method": f"{meter.method}, fresh child process, above its memory before the weights"}
+            "peak_rss_mib": None if peak_rss is None else (peak_rss - rss_before) / 2**20,
+            "method": f"{meter.method} over {MEMORY_REQUESTS} request pairs in a fresh child "
+                      f"process ({', '.join(f'{k}={v}' for k, v in CHILD_MALLOC_ENV.items())}), "
+                      "above its memory before the weights"}
 
 
 def _memory_child(s: BenchSettings, name: str, conn: Any) -> None:
@@ -703,7 +726,16 @@ def peak_memory_in_child(s: BenchSettings, name: str) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_memory_child, args=(s, name, child), daemon=True)
-    proc.start()
+    saved = {k: os.environ.get(k) for k in CHILD_MALLOC_ENV}
+    os.environ.update(CHILD_MALLOC_ENV)  # the spawned interpreter's glibc reads them at start
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     child.close()
     try:
         status, value = parent.recv()
@@ -795,9 +827,10 @@ def _status_mem_total() -> int:
     return int(match.group(1)) * 1024
 
 
-def versions() -> dict[str, str | None]:
-    """torch, transformers, numpy, Python, and the git commit of the source tree."""
-    out: dict[str, str | None] = {"torch": torch.__version__, "numpy": np.__version__,
+def versions() -> dict[str, Any]:
+    """torch, transformers, numpy, Python, and the git commit of the source tree (dirty: with
+    uncommitted changes to tracked files)."""
+    out: dict[str, Any] = {"torch": torch.__version__, "numpy": np.__version__,
                                   "python": platform.python_version(), "transformers": None}
     if find_spec("transformers") is not None:
         import transformers
@@ -807,6 +840,10 @@ def versions() -> dict[str, str | None]:
         out["git_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        out["git_dirty"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
+            check=True).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None  # not a git checkout (an installed wheel)
     return out
@@ -955,8 +992,11 @@ def report_notes(s: BenchSettings, info: dict[str, Any]) -> list[str]:
         f"decode: {s.new_tokens} tokens forced on every side (no stop token), greedy; tokens/s "
         f"over the {s.new_tokens - 1} steps after the first token; {BASELINE}: stock generate "
         "(dynamic cache), timed by a streamer",
-        "peak memory: one backend alone in a fresh child process, peak over one request pair "
-        "above its memory before the weights (weights, caches, activations)",
+        "peak memory: one backend alone in a fresh child process (weights, KV cache, "
+        f"activations): anonymous resident memory sampled every {SAMPLE_S * 1000:.0f} ms over "
+        f"{MEMORY_REQUESTS} request pairs, above the child's memory before the weights; the "
+        "child's glibc returns freed blocks at once, so what earlier requests left in the "
+        "allocator does not count",
         f"prompt: {info['prompt_positions']} positions; tokenizer: {info['tokenizer']}",
     ]
     return notes
@@ -1001,13 +1041,13 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_profile(runners: Sequence[Runner], frame: np.ndarray, path: Path,
                   command: str, rows: int = 25) -> None:
-    """torch.profiler's top ops by self CPU time, one table per backend, into a text file."""
-    sections = [f"# {command}", f"# per backend: one whole-prompt prefill, then "
-                f"{PROFILE_DECODE_STEPS} greedy decode steps (vision excluded); ops sorted by "
-                "self CPU time", ""]
+    """torch.profiler's top ops by self CPU time, tables per backend and part, in a text file."""
+    sections = [f"# {command}", f"# per backend: vision (preprocessing included), one "
+                f"whole-prompt prefill, then {PROFILE_DECODE_STEPS} greedy decode steps; ops "
+                "sorted by self CPU time", ""]
     for runner in runners:
         progress(f"profiling {runner.name}")
-        for part, prof in zip(("prefill", f"{PROFILE_DECODE_STEPS} decode steps"),
+        for part, prof in zip(("vision", "prefill", f"{PROFILE_DECODE_STEPS} decode steps"),
                               runner.profiled(frame, PROFILE_DECODE_STEPS), strict=True):
             sections += [f"## {runner.name}: {part} ({runner.label})",
                          prof.key_averages().table(sort_by="self_cpu_time_total",
