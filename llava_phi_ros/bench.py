@@ -788,6 +788,23 @@ def ratio(metric: Metric, backend: float | None, baseline: float | None) -> floa
     return backend / baseline if metric.higher_is_better else baseline / backend
 
 
+def paired_ratios(samples: Sequence[dict[str, Any]],
+                  baseline: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each repeat's ratio against the baseline's sample of the same repeat (they ran back to
+    back, so a slow spell of the machine hits both): median, min, max per timed metric."""
+    out = {}
+    for metric in METRICS:
+        if metric.key not in TIMED:
+            continue
+        values = [ratio(metric, a[metric.key], b[metric.key])
+                  for a, b in zip(samples, baseline, strict=True) if not a["warmup"]]
+        values = [v for v in values if v is not None]
+        if values:
+            out[metric.key] = {"median": statistics.median(values), "min": min(values),
+                               "max": max(values)}
+    return out
+
+
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first differing token (None when equal)."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -956,6 +973,7 @@ def build_report(s: BenchSettings, info: dict[str, Any],
                           "deterministic": all(t == measured[0] for t in measured),
                           "token_ids": measured[0], "samples": samples[name]}
     ratios: dict[str, dict[str, float | None]] = {}
+    paired: dict[str, dict[str, dict[str, float]]] = {}
     tokens: dict[str, Any] = {}
     if BASELINE in backends:
         base = backends[BASELINE]
@@ -964,13 +982,15 @@ def build_report(s: BenchSettings, info: dict[str, Any],
                 continue
             ratios[name] = {m.key: ratio(m, backends[name]["medians"].get(m.key),
                                          base["medians"].get(m.key)) for m in METRICS}
+            paired[name] = paired_ratios(samples[name], samples[BASELINE])
             diverge = first_divergence(backends[name]["token_ids"], base["token_ids"])
             tokens[name] = {"same_as_baseline": diverge is None, "first_divergence": diverge}
     return {"schema": 1, "command": s.command_line(), "argv": sys.argv,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": info, "machine": machine, "versions": versions(),
             "metrics": [asdict(m) for m in METRICS], "baseline": BASELINE,
-            "backends": backends, "ratios": ratios, "greedy_tokens": tokens,
+            "backends": backends, "ratios": ratios, "paired_ratios": paired,
+            "greedy_tokens": tokens,
             "notes": report_notes(s, info)}
 
 
@@ -978,7 +998,8 @@ def report_notes(s: BenchSettings, info: dict[str, Any]) -> list[str]:
     """What the table's numbers mean."""
     notes = [
         f"ratio = how many times better than {BASELINE} (> 1: better): ms and MiB "
-        f"{BASELINE}/backend, tokens/s backend/{BASELINE}",
+        f"{BASELINE}/backend, tokens/s backend/{BASELINE}; of the medians, and in brackets the "
+        "median of each repeat's own ratio (the two samples of a repeat ran back to back)",
         f"medians of {s.repeats} repeats after {s.warmup} warm-up; backends interleaved repeat by "
         "repeat on the same weights, frame and questions",
         "vision: the product's preprocessing (bit-exact with CLIPImageProcessor) on both sides, "
@@ -1029,7 +1050,9 @@ def format_report(report: dict[str, Any]) -> str:
         row += [_fmt(metric, report["backends"][n]["medians"].get(metric.key)) for n in names]
         for n in others:
             r = report["ratios"][n][metric.key]
-            row.append("n/a" if r is None else f"{r:.2f}x")
+            pair = report["paired_ratios"][n].get(metric.key)
+            row.append(("n/a" if r is None else f"{r:.2f}x") + (
+                "" if pair is None else f" ({pair['median']:.2f}x)"))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for n, t in report["greedy_tokens"].items():

@@ -68,6 +68,9 @@ def test_json_has_every_sample_median_and_ratio(report):
                for s in torch_side["samples"])  # the question only: the frame's prefix is reused
     ratios = report["ratios"]["torch"]
     assert set(ratios) == set(keys)
+    paired = report["paired_ratios"]["torch"]
+    assert set(paired) == set(bench.TIMED)
+    assert all(p["min"] <= p["median"] <= p["max"] for p in paired.values())
     base = report["backends"]["transformers"]["medians"]
     assert ratios["prefill_ms"] == pytest.approx(base["prefill_ms"] /
                                                  torch_side["medians"]["prefill_ms"])
