@@ -136,3 +136,21 @@ def test_fp16_survives_raw_scores_past_the_fp16_range(monkeypatch):
     assert float((logits - ref).abs().max() / ref.abs().max()) < 2e-2
     half_ids = [int(logits.argmax())]
     assert half_ids[0] == fp32_ids[0]
+
+
+def test_attention_window_blocks_do_not_change_the_answer():
+    model = random_tiny_model(seed=1)
+    pixels = pixels_for(model)
+    runs = []
+    for block in (None, 4, 256):  # whole cache; a boundary every 4 positions; the default
+        backend = TorchBackend(model, max_context=128, window_block=block)
+        logits = backend.prefill(embed_prompt(backend, PROMPT, backend.encode_image(
+            pixels.numpy())))
+        start = len(PROMPT) - 1 + model.config.num_image_tokens
+        gen = generate(backend, logits, start, -1, lambda ids: "", GenerationConfig(STEPS))
+        runs.append((gen.token_ids, gen.token_logprobs))
+    for ids, logprobs in runs[1:]:
+        assert ids == runs[0][0]
+        assert np.allclose(logprobs, runs[0][1], rtol=0, atol=1e-6)
+    backend = TorchBackend(model, max_context=100, window_block=32)
+    assert [backend.attention_window(p) for p in (0, 31, 32, 95, 99)] == [32, 32, 64, 96, 100]

@@ -15,6 +15,8 @@ from .base import Backend, BackendError, KVSnapshot
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 assert set(DTYPES) == set(DTYPE_NAMES) - {"auto"}, "backends.DTYPE_NAMES is the one list"
+# The decode step attends over the cache in blocks of this many positions (see attention_window).
+DECODE_WINDOW_BLOCK = 256
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -61,12 +63,13 @@ class TorchBackend(Backend):
     """LlavaPhiForCausalLM with one preallocated KV cache and preallocated step inputs."""
 
     def __init__(self, model: LlavaPhiForCausalLM, max_context: int | None = None,
-                 model_id: str = "torch"):
+                 model_id: str = "torch", window_block: int | None = DECODE_WINDOW_BLOCK):
         self.model: LlavaPhiForCausalLM | None = model.eval()
         self.config = model.config
         self.max_context = max_context or self.config.text.max_position_embeddings
         self.cache = model.new_cache(self.max_context)
         self.model_id = model_id
+        self.window_block = window_block
         device = model.device
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # decode_step's input
         self._position = torch.zeros(1, dtype=torch.long, device=device)
@@ -100,10 +103,20 @@ class TorchBackend(Backend):
         model = self._live()
         if not 0 <= pos < self.max_context:
             raise ValueError(f"position {pos} is outside the KV cache of {self.max_context}")
-        self._token.fill_(token_id)  # no new tensors, no host read: static shapes throughout
+        self._token.fill_(token_id)  # no new tensors, no host read
         self._position.fill_(pos)
         embeds = model.model.embed_tokens(self._token)  # (1, 1, D)
-        return model.step(embeds, self.cache, self._position, last_only=True)[0]  # (V,)
+        return model.step(embeds, self.cache, self._position, last_only=True,
+                          kv_len=self.attention_window(pos))[0]  # (V,)
+
+    def attention_window(self, pos: int) -> int:
+        """Cache entries a decode step at pos attends over (through its mask): whole blocks of
+        `window_block` positions, so the step's shapes change only at block boundaries (8
+        shapes over a 2048 context: 8 graphs for a runtime that captures them) and a short
+        answer does not read the whole cache. None as window_block: always the whole cache."""
+        if self.window_block is None:
+            return self.max_context
+        return min(self.max_context, (pos // self.window_block + 1) * self.window_block)
 
     @torch.inference_mode()
     def snapshot(self, n_positions: int) -> KVSnapshot:
