@@ -904,14 +904,14 @@ def run_bench(args: argparse.Namespace) -> int:
     assert source.model is not None
     counts = parameter_counts(source.model)
     progress(f"{counts['total'] / 1e9:.3f} B parameters in {time.perf_counter() - start:.1f} s")
-    frame = make_frame(s.image, s.seed)
-    runners = build_runners(s, source, s.backends)
-    prompt_ids = runners[0].prompt_ids(QUESTION)
+    prompt_ids = tokenize_prompt(build_prompt(QUESTION), source.tokenizer, num_images=1)
     positions = len(prompt_ids) - 1 + cfg.num_image_tokens
     max_context = cfg.text.max_position_embeddings
     if positions + s.new_tokens > max_context:
         raise BenchError(f"the prompt ({positions} positions) and {s.new_tokens} new tokens do not "
                          f"fit the context of {max_context}", EXIT_USAGE)
+    frame = make_frame(s.image, s.seed)
+    runners = build_runners(s, source, s.backends)
     info = {"name": source.name, "weights": source.weights,
             "decoder_layers": cfg.text.num_hidden_layers,
             "vision_layers": cfg.vision.num_hidden_layers, "parameters": counts,
