@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS, DTYPE_NAMES, implemented_backends
+from .cli import EXIT_USAGE, CliError
 from .model.config import ConfigError, LlavaPhiConfig, tiny_config
 from .model.llava_phi import LlavaPhiForCausalLM
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
@@ -62,16 +63,10 @@ MEMORY_REQUESTS = 2  # request pairs the memory child runs (its peak is over all
 # 128 KiB or more back to the OS when freed, so the peak RSS is what the backend held, not
 # what the allocator happened to keep from earlier requests.
 CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
-class BenchError(Exception):
-    """A bench that cannot run, with its exit code (2: bad flags or a missing extra)."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.exit_code = exit_code
+class BenchError(CliError):
+    """A bench that cannot run, with its exit code (EXIT_USAGE: bad flags or a missing extra)."""
 
 
 @dataclass(frozen=True)

@@ -223,12 +223,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Vision, prefill, first-token, decode and memory figures (see llava_phi_ros.bench)."""
-    from .bench import BenchError, run_bench
+    from .bench import run_bench
 
-    try:
-        return run_bench(args)
-    except BenchError as exc:
-        raise CliError(str(exc), exc.exit_code) from exc
+    return run_bench(args)  # its BenchError is a CliError
 
 
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
