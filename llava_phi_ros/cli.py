@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
                       help="split weights into shards of at most this many GB")
 
+    export = sub.add_parser("export", help="write ONNX graphs (vision, decoder) for the "
+                                           "onnxruntime backend and TensorRT")
+    export.add_argument("--model", required=True,
+                        help="checkpoint directory, builtin:tiny or builtin:random-tiny")
+    export.add_argument("--out", required=True, help="destination directory (must be new or empty)")
+    export.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                        help="precision of the graphs (default: float32)")
+    export.add_argument("--max-context", type=int, default=None,
+                        help="KV cache length the decoder graph is built for (default: the "
+                             "model's max_position_embeddings)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     from .training.evaluate import add_eval_arguments
     from .training.scenes import add_scenes_arguments
     from .training.trainer import add_train_arguments
@@ -200,6 +212,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A model -> a self-contained ONNX export directory."""
+    from .export.onnx_export import export_model
+    from .model.checkpoint import load_model
+    from .model.metadata import load_metadata
+
+    try:
+        meta = load_metadata(args.model)
+        model = (meta.build_weights() if meta.build_weights is not None
+                 else load_model(meta.weights_dir))
+        manifest = export_model(model, meta.tokenizer, meta.preprocess, args.out, args.dtype,
+                                args.max_context, args.overwrite, source=args.model)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise CliError(f"cannot export {args.model!r}: {exc}") from exc
+    print(f"wrote {args.out}: {', '.join(manifest['files'])} ({manifest['dtype']}, max_context "
+          f"{manifest['max_context']}, opset {manifest['opset']}, source sha256 "
+          f"{manifest['source_sha256'][:12]})")
+    return 0
+
+
 def cmd_scenes(args: argparse.Namespace) -> int:
     """Write a scene set (see llava_phi_ros.training.scenes)."""
     from .training.scenes import run_scenes
@@ -229,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
-            "eval": cmd_eval, "train": cmd_train, "bench": cmd_bench}
+            "eval": cmd_eval, "train": cmd_train, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # every backend name the product knows
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # auto: fp32 on CPU, fp16 on a GPU
 # name -> the module whose create(metadata, device, dtype, max_context) builds it
-_IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend"}
+_IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend",
+                    "onnxruntime": "llava_phi_ros.backends.onnxruntime_backend"}
 assert set(_IMPLEMENTATIONS) <= set(BACKENDS)
 
 

@@ -1,0 +1,159 @@
+"""The ONNX Runtime backend: an export directory (`llava-phi export`) on the CPU provider, or
+CUDA's when asked for and present.
+
+The runtime owns the KV cache: one preallocated array per layer and kind at the export's fixed
+max_context, bound once to the decoder's past inputs through I/O binding (no per-token copy or
+allocation of the cache); each step's new keys/values come out and are written in at their
+positions. Everything else (the loop, choice scoring, prefix slots, streaming, cancel) is the
+shared code behind `Backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export.graphs import attention_bias, new_names, past_names
+from ..export.onnx_export import DECODER_FILE, EMBED_FILE, VISION_FILE, read_manifest
+from ..model.metadata import ModelMetadata
+from .base import Backend, BackendError, KVSnapshot
+
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = None,
+           max_context: int | None = None) -> OnnxRuntimeBackend:
+    """The registry's factory: the export directory the metadata points to."""
+    if metadata.weights_dir is None:
+        raise BackendError(f"{metadata.name}: the onnxruntime backend needs an export "
+                           "directory (llava-phi export --model DIR --out OUT)")
+    return OnnxRuntimeBackend(metadata, metadata.weights_dir, device, dtype, max_context)
+
+
+class OnnxRuntimeBackend(Backend):
+    """vision.onnx + decoder.onnx with a runtime-owned, I/O-bound KV cache."""
+
+    def __init__(self, metadata: ModelMetadata, export_dir: Path, device: str = "cpu",
+                 dtype: str | None = None, max_context: int | None = None,
+                 optimization: str = "all"):
+        import onnxruntime as ort
+
+        try:
+            manifest = read_manifest(export_dir)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+        precision = manifest["dtype"]
+        if dtype not in (None, "", "auto", precision):
+            raise BackendError(f"{export_dir} was exported as {precision}; dtype {dtype!r} "
+                               "needs another export (llava-phi export --dtype)")
+        if max_context not in (None, manifest["max_context"]):
+            raise BackendError(f"{export_dir} was exported with max_context "
+                               f"{manifest['max_context']}, not {max_context}")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise BackendError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
+        providers = self._providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        levels = ort.GraphOptimizationLevel
+        options.graph_optimization_level = {
+            "disabled": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
+            "extended": levels.ORT_ENABLE_EXTENDED, "all": levels.ORT_ENABLE_ALL}[optimization]
+        self.vision = ort.InferenceSession(str(export_dir / VISION_FILE), options,
+                                           providers=providers)
+        self.decoder = ort.InferenceSession(str(export_dir / DECODER_FILE), options,
+                                            providers=providers)
+        self.config = metadata.config
+        self.manifest = manifest
+        self.max_context = int(manifest["max_context"])
+        self.model_id = (f"{metadata.name}/onnxruntime/{precision}"
+                         f"/{manifest['source_sha256'][:12]}")
+        self.dtype = _NUMPY_DTYPES[precision]
+        self.embedding = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, D)
+        t = self.config.text
+        shape = (1, t.num_attention_heads, self.max_context, t.head_dim)
+        self.cache = {name: np.zeros(shape, self.dtype) for name in past_names(t.num_hidden_layers)}
+        self._new = new_names(t.num_hidden_layers)
+        self._binding = self.decoder.io_binding()
+        for name, array in self.cache.items():  # bound once: ORT reads these buffers in place
+            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self._ort = ort
+
+    @staticmethod
+    def _providers(device: str, available: Sequence[str]) -> list[str]:
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(f"device {device!r}: this onnxruntime has no CUDA provider "
+                                   f"(available: {', '.join(available)})")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        raise BackendError(f"unknown device {device!r} for onnxruntime (cpu or cuda)")
+
+    def _live(self) -> None:
+        if self.decoder is None:
+            raise BackendError(f"{self.model_id}: the backend was closed")
+
+    def encode_image(self, pixel_values: np.ndarray) -> torch.Tensor:
+        self._live()
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if pixels.ndim == 3:
+            pixels = pixels[None]  # (1, C, S, S)
+        (features,) = self.vision.run(None, {"pixel_values": pixels})
+        return torch.from_numpy(features[0])  # (N, D)
+
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        self._live()
+        return torch.from_numpy(np.ascontiguousarray(self.embedding[list(ids)]))  # (T, D)
+
+    def prefill(self, embeds: torch.Tensor, start_pos: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        logits = self._run(embeds.numpy().astype(self.dtype, copy=False), start_pos, all_logits)
+        return logits if all_logits else logits[-1]
+
+    def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
+        if not 0 <= pos < self.max_context:
+            raise ValueError(f"position {pos} is outside the KV cache of {self.max_context}")
+        return self._run(self.embedding[[token_id]].astype(self.dtype), pos, False)[-1]
+
+    def _run(self, embeds: np.ndarray, start_pos: int, all_logits: bool) -> torch.Tensor:
+        """Run (S, D) embeddings at start_pos..; write their keys/values into the cache."""
+        self._live()
+        s = embeds.shape[0]
+        if start_pos < 0 or start_pos + s > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + s - 1} do not fit the KV "
+                             f"cache of {self.max_context}")
+        b = self._binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None]))
+        b.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + s, dtype=np.int64)[None])
+        b.bind_cpu_input("attention_bias",
+                         attention_bias(start_pos, s, self.max_context).numpy())
+        rows = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
+        b.bind_cpu_input("logit_positions", rows)
+        b.bind_output("logits")
+        for name in self._new:
+            b.bind_output(name)
+        self.decoder.run_with_iobinding(b)
+        logits, *new = b.copy_outputs_to_cpu()
+        for name, entries in zip(past_names(self.config.text.num_hidden_layers), new,
+                                 strict=True):
+            self.cache[name][:, :, start_pos:start_pos + s] = entries  # (1, H, S, Dh)
+        b.clear_binding_outputs()
+        return torch.from_numpy(logits[0])  # (K, V)
+
+    def snapshot(self, n_positions: int) -> KVSnapshot:
+        data = {name: a[:, :, :n_positions].copy() for name, a in self.cache.items()}
+        return KVSnapshot(n_positions, sum(a.nbytes for a in data.values()), data)
+
+    def restore(self, snapshot: KVSnapshot, n_positions: int) -> None:
+        n = min(n_positions, snapshot.n_positions)
+        for name, saved in snapshot.data.items():
+            self.cache[name][:, :, :n] = saved[:, :, :n]
+
+    def close(self) -> None:
+        self.vision = self.decoder = None  # type: ignore[assignment]
+        self._binding = None
+        self.cache = {}
+        self.embedding = None  # type: ignore[assignment]
