@@ -8,15 +8,17 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from llava_phi_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
 from llava_phi_ros.backends.torch_backend import TorchBackend
 from llava_phi_ros.export.onnx_export import export_model, read_manifest
 from llava_phi_ros.model.builtin import BUILTIN_TINY_DIR, random_tiny_config
 from llava_phi_ros.model.checkpoint import load_model
-from llava_phi_ros.model.generation import GenerationConfig
+from llava_phi_ros.model.generation import GenerationConfig, embed_prompt
 from llava_phi_ros.model.metadata import load_metadata
 from llava_phi_ros.model.preprocess import ImagePreprocessConfig
+from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
 from llava_phi_ros.model.tokenizer import build_byte_tokenizer
 from llava_phi_ros.pipeline import ModelLoadError, VisionLanguageModel
 
@@ -137,3 +139,55 @@ def test_cli_export_then_ask_on_onnxruntime(tmp_path):
         answers.append(json.loads(ask.stdout.strip().splitlines()[-1]))
     assert answers[0]["token_ids"] == answers[1]["token_ids"]
     assert np.allclose(answers[0]["token_logprobs"], answers[1]["token_logprobs"], atol=1e-4)
+
+
+def _feeds_from(model, names: set[str]) -> dict[str, list]:
+    """For each node, whether an input is (through shape-only ops) one of the named inputs."""
+    passthrough = {"Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
+    derived = set(names)
+    hits = []
+    for node in model.graph.node:  # nodes are topologically sorted
+        touched = [i for i in node.input if i in derived]
+        if not touched:
+            continue
+        if node.op_type in passthrough:
+            derived.update(node.output)
+        hits.append((node.op_type, touched))
+    return hits
+
+
+def test_the_decoder_graph_never_copies_its_cache(random_export):
+    import onnx
+
+    decoder = onnx.load(str(random_export / "decoder.onnx"))
+    onnx.checker.check_model(decoder)
+    pasts = {i.name for i in decoder.graph.input if i.name.startswith("past_")}
+    assert len(pasts) == 2 * random_model().config.text.num_hidden_layers
+    uses = _feeds_from(decoder, pasts)
+    assert uses and {op for op, _ in uses} <= {"MatMul", "Transpose"}, uses  # q.k and P.V only
+    assert all(op not in ("Concat", "Expand", "Tile") for op, _ in uses)
+    assert decoder.opset_import[0].version == 17 and decoder.ir_version <= 10
+    domains = {n.domain for n in decoder.graph.node} | {
+        n.domain for n in onnx.load(str(random_export / "vision.onnx")).graph.node}
+    assert domains <= {"", "ai.onnx"}  # standard ops only: no com.microsoft contrib ops
+
+
+def test_fp16_export_stays_finite_where_raw_scores_overflow_fp16(tmp_path):
+    """The overflow-scaled model of test_static_step: q/k weights x70 (raw q.k > 98000)."""
+    model = random_model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(70.0)
+                proj.bias.mul_(70.0)
+    export_model(model, build_byte_tokenizer(), PREPROCESS, tmp_path / "fp16", dtype="float16")
+    meta = load_metadata(str(tmp_path / "fp16"))
+    half = OnnxRuntimeBackend(meta, tmp_path / "fp16")
+    full = TorchBackend(model)
+    prompt = [5, 17, 3, IMAGE_TOKEN_INDEX, 9, 42, 7, 11]
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).numpy()
+    ref = full.prefill(embed_prompt(full, prompt, full.encode_image(pixels)))
+    logits = half.prefill(embed_prompt(half, prompt, half.encode_image(pixels))).float()
+    assert half.cache["past_key_0"].dtype == np.float16
+    assert torch.isfinite(logits).all()
+    assert float((logits - ref).abs().max() / ref.abs().max()) < 2e-2
