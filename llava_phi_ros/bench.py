@@ -373,8 +373,11 @@ class ProductRunner:
 
         self.name = name
         self.new_tokens = s.new_tokens
+        self._export_dir: Path | None = None
         # the backend casts/moves `weights` IN PLACE: the caller hands over a model of its own
         meta = metadata_for_model(weights, source.tokenizer, source.preprocess, source.name)
+        if name == "onnxruntime":  # its weights are an export of these: made here, first
+            meta = self._export(weights, source, s)
         try:
             self.vlm = VisionLanguageModel.from_metadata(meta, name, s.device, s.dtype)
         except ModelLoadError as exc:
@@ -382,9 +385,30 @@ class ProductRunner:
         self.vlm.tokenizer = NoStopTokenizer(self.vlm.tokenizer)  # type: ignore[assignment]
         self.label = self.vlm.description
 
+    def _export(self, weights: LlavaPhiForCausalLM, source: Source, s: BenchSettings) -> Any:
+        """Export the weights (llava-phi export) to a temporary directory; its metadata."""
+        import tempfile
+
+        from .export.onnx_export import export_model
+        from .model.metadata import load_metadata
+
+        device, dtype = resolve_device(s)
+        precision = "float16" if dtype == torch.float16 else "float32"
+        if dtype not in (torch.float16, torch.float32):
+            raise BenchError(f"onnxruntime exports are float32 or float16, not {dtype}",
+                             EXIT_USAGE)
+        self._export_dir = Path(tempfile.mkdtemp(prefix="llava-phi-bench-onnx-"))
+        progress(f"exporting the weights for onnxruntime ({precision}) to {self._export_dir}")
+        export_model(weights, source.tokenizer, source.preprocess, self._export_dir / "model",
+                     precision, source="bench")
+        return load_metadata(str(self._export_dir / "model"))
+
     def weights_mib(self) -> float:
         """Weights, buffers and the preallocated KV cache, as tensors hold them."""
         backend = self.vlm.backend
+        if self._export_dir is not None:  # onnxruntime: the graphs' weights + its cache arrays
+            files = sum(f.stat().st_size for f in (self._export_dir / "model").iterdir())
+            return (files + sum(a.nbytes for a in backend.cache.values())) / 2**20
         model = getattr(backend, "model", None)
         tensors = [] if model is None else [*model.parameters(), *model.buffers()]
         cache = getattr(backend, "cache", None)
@@ -437,8 +461,12 @@ class ProductRunner:
         return vision, prefill, decode
 
     def close(self) -> None:
-        """Free the backend (weights, caches, device memory)."""
+        """Free the backend (weights, caches, device memory) and a temporary export."""
+        import shutil
+
         self.vlm.close()
+        if self._export_dir is not None:
+            shutil.rmtree(self._export_dir, ignore_errors=True)
 
 
 class _TokenTimes:
