@@ -57,6 +57,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
         providers = self._providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
+        # No busy-waiting between runs: a robot's other nodes share these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         levels = ort.GraphOptimizationLevel
         options.graph_optimization_level = {
             "disabled": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
