@@ -101,7 +101,7 @@ def test_table_on_stdout_progress_on_stderr_and_plot(run):
 
 @pytest.mark.parametrize("flags, message", [
     (["--backend", "torch,nope"], "unknown backend 'nope'"),
-    (["--backend", "onnxruntime"], "backend 'onnxruntime' is not implemented yet"),
+    (["--backend", "tensorrt"], "backend 'tensorrt' is not implemented yet"),
     (["--backend", "torch,torch"], "names a backend twice"),
     (["--layers", "0"], "--layers must be >= 1, got 0"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
@@ -138,3 +138,14 @@ def test_ratio_is_better_than_baseline_above_one():
     assert bench.ratio(ms, 0.0, 100.0) is None
     assert bench.first_divergence([1, 2, 3], [1, 2, 4]) == 2
     assert bench.first_divergence([1, 2], [1, 2]) is None
+
+
+def test_onnxruntime_is_benched_on_an_export_of_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "ort.json"
+    assert main(["bench", "--config", "tiny", "--random-weights", "--backend",
+                 "torch,onnxruntime", "--repeats", "1", "--new-tokens", "4", "--no-memory",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ids = {name: b["token_ids"] for name, b in result["backends"].items()}
+    assert set(ids) == {"torch", "onnxruntime"} and ids["torch"] == ids["onnxruntime"]
+    assert "exporting the weights for onnxruntime" in capsys.readouterr().err
