@@ -51,7 +51,6 @@ class DecoderGraph(nn.Module):
         rotary = model.model.rotary
         self.register_buffer("cos", rotary.cos.clone(), persistent=False)  # (P, rot) fp32
         self.register_buffer("sin", rotary.sin.clone(), persistent=False)
-        self.rot_dim = rotary.dim
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_bias: torch.Tensor, logit_positions: torch.Tensor,
@@ -70,12 +69,6 @@ class DecoderGraph(nn.Module):
         logits = self.model.lm_head(self.model.model.final_layernorm(x)).float()
         return (logits, *new)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., :self.rot_dim].float(), x[..., self.rot_dim:]
-        half = self.rot_dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([(rot * cos + rotated * sin).to(x.dtype), rest], dim=-1)
-
     def _layer(self, layer: PhiDecoderLayer, x: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, bias: torch.Tensor, past_k: torch.Tensor,
                past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,8 +76,9 @@ class DecoderGraph(nn.Module):
         b, s, d = x.shape
         h = layer.input_layernorm(x)
         shape = (b, s, attn.num_heads, attn.head_dim)
-        q = self._rotate(attn.q_proj(h).view(shape).transpose(1, 2), cos, sin)  # (1, H, S, Dh)
-        k = self._rotate(attn.k_proj(h).view(shape).transpose(1, 2), cos, sin)
+        rotate = self.model.model.rotary  # the model's own rotation, on gathered tables
+        q = rotate(attn.q_proj(h).view(shape).transpose(1, 2), cos, sin)  # (1, H, S, Dh)
+        k = rotate(attn.k_proj(h).view(shape).transpose(1, 2), cos, sin)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
         q = q * attn.head_dim ** -0.5  # before q.k: raw Phi-2 q.k overflows fp16
         context = past_k.shape[2]
