@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import BACKENDS, DTYPE_NAMES, implemented_backends
+from .backends import BACKENDS, DTYPE_NAMES, EXPORT_DTYPES, implemented_backends
 from .cli import EXIT_USAGE, CliError
 from .model.config import ConfigError, LlavaPhiConfig, tiny_config
 from .model.llava_phi import LlavaPhiForCausalLM
@@ -392,11 +392,11 @@ class ProductRunner:
         from .export.onnx_export import export_model
         from .model.metadata import load_metadata
 
-        device, dtype = resolve_device(s)
-        precision = "float16" if dtype == torch.float16 else "float32"
-        if dtype not in (torch.float16, torch.float32):
-            raise BenchError(f"onnxruntime exports are float32 or float16, not {dtype}",
-                             EXIT_USAGE)
+        _, dtype = resolve_device(s)
+        precision = str(dtype).removeprefix("torch.")
+        if precision not in EXPORT_DTYPES:
+            raise BenchError(f"onnxruntime exports are {' or '.join(EXPORT_DTYPES)}, not "
+                             f"{precision}", EXIT_USAGE)
         self._export_dir = Path(tempfile.mkdtemp(prefix="llava-phi-bench-onnx-"))
         progress(f"exporting the weights for onnxruntime ({precision}) to {self._export_dir}")
         export_model(weights, source.tokenizer, source.preprocess, self._export_dir / "model",

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .backends import BACKENDS, DTYPE_NAMES
+from .backends import BACKENDS, DTYPE_NAMES, EXPORT_DTYPES
 from .model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from .model.generation import GenerationConfig
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True,
                         help="checkpoint directory, builtin:tiny or builtin:random-tiny")
     export.add_argument("--out", required=True, help="destination directory (must be new or empty)")
-    export.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+    export.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES,
                         help="precision of the graphs (default: float32)")
     export.add_argument("--max-context", type=int, default=None,
                         help="KV cache length the decoder graph is built for (default: the "

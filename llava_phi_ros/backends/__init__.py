@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # every backend name the product knows
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # auto: fp32 on CPU, fp16 on a GPU
+EXPORT_DTYPES = ("float32", "float16")  # what `llava-phi export` writes (onnxruntime runs)
 # name -> the module whose create(metadata, device, dtype, max_context) builds it
 _IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend",
                     "onnxruntime": "llava_phi_ros.backends.onnxruntime_backend"}

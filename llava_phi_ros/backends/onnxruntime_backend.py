@@ -139,9 +139,8 @@ class OnnxRuntimeBackend(Backend):
             b.bind_output(name)
         self.decoder.run_with_iobinding(b)
         logits, *new = b.copy_outputs_to_cpu()
-        for name, entries in zip(past_names(self.config.text.num_hidden_layers), new,
-                                 strict=True):
-            self.cache[name][:, :, start_pos:start_pos + s] = entries  # (1, H, S, Dh)
+        for cached, entries in zip(self.cache.values(), new, strict=True):  # past_names order
+            cached[:, :, start_pos:start_pos + s] = entries  # (1, H, S, Dh)
         b.clear_binding_outputs()
         return torch.from_numpy(logits[0])  # (K, V)
 

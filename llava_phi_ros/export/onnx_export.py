@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backends import EXPORT_DTYPES
+from ..backends.torch_backend import DTYPES as TORCH_DTYPES
 from ..model.checkpoint import CONFIG_FILE, _atomic_dir, _write_extras, _write_json
 from ..model.llava_phi import LlavaPhiForCausalLM
 from ..model.preprocess import ImagePreprocessConfig
@@ -34,7 +36,6 @@ DECODER_FILE = "decoder.onnx"
 EMBED_FILE = "embed_tokens.npy"
 MANIFEST_FILE = "manifest.json"
 EXPORT_FORMAT = 1  # bumped when the graphs' inputs or outputs change
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def weights_hash(model: LlavaPhiForCausalLM) -> str:
@@ -52,15 +53,15 @@ def export_model(model: LlavaPhiForCausalLM, tokenizer: Tokenizer,
                  dtype: str = "float32", max_context: int | None = None,
                  overwrite: bool = False, source: str = "") -> dict[str, Any]:
     """Write the export directory (atomically); returns its manifest."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     cfg = model.config
     context = max_context or cfg.text.max_position_embeddings
     if not 1 <= context <= cfg.text.max_position_embeddings:
         raise ValueError(f"max_context must be in 1..{cfg.text.max_position_embeddings}, "
                          f"got {context}")
     source_hash = weights_hash(model)
-    net = copy.deepcopy(model).to(torch.device("cpu"), DTYPES[dtype]).eval()
+    net = copy.deepcopy(model).to(torch.device("cpu"), TORCH_DTYPES[dtype]).eval()
     net.rebuild_buffers("cpu")
     with _atomic_dir(out_dir, overwrite) as tmp:
         _export_vision(net, tmp / VISION_FILE)

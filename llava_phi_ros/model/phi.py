@@ -42,14 +42,6 @@ class KVCache:
     def batch(self) -> int:
         return self.keys.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def bytes_per_position(self) -> int:
-        """Bytes that one position occupies over all layers (keys and values)."""
-        return self.nbytes // self.max_len
-
     def visible(self, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """(T,) absolute query positions -> (T, S) bool: the cache entries (the first kv_len,
         or all) each query sees; never later positions, nor what an earlier, longer sequence
