@@ -1142,6 +1142,7 @@ class AssistantCore:
                 "loading": self._loading_since is not None,
                 "active": self._active,
                 "model_id": model.description if model is not None else "",
+                "backend": model.backend_info() if model is not None else {},
                 "builtin_toy": bool(model is not None and model.is_builtin_toy),
                 "queue_depth": len(self._queue),
                 "running": self._running is not None,

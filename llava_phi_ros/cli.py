@@ -214,16 +214,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A model -> a self-contained ONNX export directory."""
-    from .export.onnx_export import export_model
-    from .model.checkpoint import load_model
+    from .export.onnx_export import export_checkpoint, export_model
     from .model.metadata import load_metadata
 
     try:
         meta = load_metadata(args.model)
-        model = (meta.build_weights() if meta.build_weights is not None
-                 else load_model(meta.weights_dir))
-        manifest = export_model(model, meta.tokenizer, meta.preprocess, args.out, args.dtype,
-                                args.max_context, args.overwrite, source=args.model)
+        settings = (meta.tokenizer, meta.preprocess, args.out, args.dtype, args.max_context,
+                    args.overwrite, args.model)
+        if meta.build_weights is not None:  # a built-in random model
+            manifest = export_model(meta.build_weights(), *settings)
+        else:  # a checkpoint: streamed, one tensor in memory at a time
+            manifest = export_checkpoint(meta.weights_dir, *settings)
     except (ValueError, OSError, RuntimeError) as exc:
         raise CliError(f"cannot export {args.model!r}: {exc}") from exc
     print(f"wrote {args.out}: {', '.join(manifest['files'])} ({manifest['dtype']}, max_context "

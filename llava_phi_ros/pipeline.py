@@ -71,6 +71,8 @@ class AnsweringModel(Protocol):
 
     def prefix_cache_stats(self) -> dict[str, float | int]: ...
 
+    def backend_info(self) -> dict[str, str]: ...
+
     def close(self) -> None: ...
 
 
@@ -193,6 +195,11 @@ class VisionLanguageModel:
     def prefix_cache_stats(self) -> dict[str, float | int]:
         """Kept prefixes: entries, MiB, budget, restores (safe from any thread)."""
         return self.prefix_cache.stats()
+
+    def backend_info(self) -> dict[str, str]:
+        """The runtime as diagnostics show it: backend, precision, device (and, per backend,
+        e.g. the export's manifest hash)."""
+        return self.backend.describe()
 
     def close(self) -> None:
         """Free the backend's weights, caches and device memory; the model is unusable after."""

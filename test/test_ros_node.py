@@ -404,6 +404,38 @@ def test_diagnostics_warn_about_the_toy_model(graph, node):
     assert {"prefix_cache_entries", "prefix_cache_mb", "prefix_cache_budget_mb"} <= keys
 
 
+def test_onnxruntime_backend_answers_like_torch_and_says_so(graph, direct, tmp_path):
+    """backend: onnxruntime with model_path at an export: the answers of the torch model, and
+    diagnostics name the backend, its precision and the export's manifest hash."""
+    from llava_phi_ros.export.onnx_export import export_model
+    from llava_phi_ros.model.metadata import load_metadata
+
+    meta = load_metadata("builtin:random-tiny")
+    export_model(meta.build_weights(), meta.tokenizer, meta.preprocess, tmp_path / "export")
+    got = graph.subscribe("/diagnostics", DiagnosticArray, reliable=False)
+    node = graph.assistant("onnx", model_path=str(tmp_path / "export"), backend="onnxruntime")
+    rgb = scene(21)
+    graph.publish_frame(node, "camera", image_msg(rgb, t=30.0, frame_id="onnx_cam"))
+    scored = ask_ok(graph, node, question=QUESTION, choices=CHOICES)
+    assert_close(list(scored.answer.choice_logprobs), direct_choice_logprobs(direct, rgb))
+    free = ask_ok(graph, node, question="What is there?", max_new_tokens=6)
+    assert free.answer.text == direct.ask(rgb, "What is there?",
+                                          generation=GenerationConfig(max_new_tokens=6)).text
+    assert "/onnxruntime/float32/" in free.answer.model_id
+
+    def backend_values():
+        for status in (s for a in got for s in a.status
+                       if s.name == f"{node.get_fully_qualified_name()}: model"):
+            values = {kv.key: kv.value for kv in status.values}
+            if values.get("backend") == "onnxruntime":
+                return values
+        return None
+
+    values = wait_for(backend_values, timeout_s=10, what="onnxruntime on /diagnostics")
+    assert values["precision"] == "float32" and len(values["manifest_sha256"]) == 64
+    assert values["device"] == "CPUExecutionProvider"
+
+
 def test_sessions_stay_on_their_first_frame_and_expire(graph):
     node = graph.assistant("sessions", session_ttl_s=600.0)
     graph.publish_frame(node, "camera", image_msg(scene(15), t=10.0, frame_id="first"))

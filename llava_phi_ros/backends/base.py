@@ -52,6 +52,10 @@ class Backend(StepModel):
         """Put a snapshot's first n_positions back at positions 0..n_positions-1."""
 
     @abstractmethod
+    def describe(self) -> dict[str, str]:
+        """What diagnostics show about the runtime: at least backend, precision and device."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the weights, the KV cache and the device memory they held; the backend is
         unusable afterwards. Idempotent."""

@@ -10,6 +10,7 @@ shared code behind `Backend`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import numpy as np
 import torch
 
 from ..export.graphs import attention_bias, new_names, past_names
-from ..export.onnx_export import DECODER_FILE, EMBED_FILE, VISION_FILE, read_manifest
+from ..export.onnx_export import (
+    DECODER_FILE,
+    EMBED_FILE,
+    MANIFEST_FILE,
+    VISION_FILE,
+    read_manifest,
+)
 from ..model.metadata import ModelMetadata
 from .base import Backend, BackendError, KVSnapshot
 
@@ -69,6 +76,12 @@ class OnnxRuntimeBackend(Backend):
                                             providers=providers)
         self.config = metadata.config
         self.manifest = manifest
+        manifest_bytes = (export_dir / MANIFEST_FILE).read_bytes()
+        self._described = {
+            "backend": "onnxruntime", "precision": precision,
+            "device": ",".join(self.decoder.get_providers()), "export_dir": str(export_dir),
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "source_sha256": manifest["source_sha256"], "onnxruntime": ort.__version__}
         self.max_context = int(manifest["max_context"])
         self.model_id = (f"{metadata.name}/onnxruntime/{precision}"
                          f"/{manifest['source_sha256'][:12]}")
@@ -93,6 +106,9 @@ class OnnxRuntimeBackend(Backend):
                                    f"(available: {', '.join(available)})")
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         raise BackendError(f"unknown device {device!r} for onnxruntime (cpu or cuda)")
+
+    def describe(self) -> dict[str, str]:
+        return dict(self._described)
 
     def _live(self) -> None:
         if self.decoder is None:

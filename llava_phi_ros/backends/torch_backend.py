@@ -71,8 +71,13 @@ class TorchBackend(Backend):
         self.model_id = model_id
         self.window_block = window_block
         device = model.device
+        self._described = {"backend": "torch", "precision": str(model.dtype).removeprefix("torch."),
+                           "device": str(device)}
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # decode_step's input
         self._position = torch.zeros(1, dtype=torch.long, device=device)
+
+    def describe(self) -> dict[str, str]:
+        return dict(self._described)
 
     def _live(self) -> LlavaPhiForCausalLM:
         if self.model is None:

@@ -18,6 +18,7 @@ from torch import nn
 from ..model.llava_phi import LlavaPhiForCausalLM
 from ..model.phi import PhiDecoderLayer
 
+PARAMETER_PREFIX = "model."  # the wrappers hold the model as .model: its keys' prefix in graphs
 MASKED = -1e30  # the attention bias of an entry a query must not see (finite: no inf - inf)
 
 

@@ -586,6 +586,26 @@ def read_checkpoint(model_dir: str | Path,
     return ckpt.cfg, {k: state[k] for k in ckpt.state}, ckpt.info
 
 
+@contextmanager
+def stream_checkpoint(model_dir: str | Path,
+                      progress_threshold_bytes: int = DEFAULT_PROGRESS_THRESHOLD_BYTES,
+                      ) -> Iterator[tuple[LlavaPhiConfig, Mapping[str, torch.Tensor]]]:
+    """A verified checkpoint's config and tensors, each read (as stored) only when asked for.
+
+    The mapping's keys are model keys in file order (sequential reads); a consumer that drops
+    each tensor after use holds one at a time (`llava-phi export` does).
+    """
+    ckpt = _verify(model_dir)
+    with ckpt.source, ckpt.progress(progress_threshold_bytes) as bar:
+        def produce(key: str) -> torch.Tensor:
+            tensor = ckpt.source.read(ckpt.state[key])
+            bar.update(ckpt.state[key].nbytes)
+            return tensor
+
+        yield ckpt.cfg, _LazyTensors({k: (s.dtype, s.shape) for k, s in ckpt.in_file_order()},
+                                     produce)
+
+
 def _assign(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
     """Make `value` the parameter (or buffer) `key`, as load_state_dict(assign=True) would."""
     module_name, _, leaf = key.rpartition(".")

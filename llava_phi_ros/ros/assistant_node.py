@@ -563,12 +563,13 @@ def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,
     elif stats.get("builtin_toy"):
         out.append(status("model", DiagnosticStatus.WARN,
                           f"{stats.get('model_id')}: a toy model, not for real use",
-                          {"model_id": stats.get("model_id"), "active": stats.get("active")}))
+                          {"model_id": stats.get("model_id"), "active": stats.get("active"),
+                           **stats.get("backend", {})}))
     else:
         out.append(status("model", DiagnosticStatus.OK if stats.get("active")
                           else DiagnosticStatus.WARN,
                           "active" if stats.get("active") else "inactive",
-                          {"model_id": stats.get("model_id")}))
+                          {"model_id": stats.get("model_id"), **stats.get("backend", {})}))
     latency = stats.get("latency", {})
     out.append(status("queries", DiagnosticStatus.OK, "ok",
                       {"queue_depth": stats.get("queue_depth"), "running": stats.get("running"),

@@ -1,0 +1,136 @@
+"""Exporting without the model in memory: graphs traced on placeholder weights, then the real
+weights streamed into external data files one tensor at a time.
+
+`placeholder_model` has the model's structure with every parameter a stride-0 view of one
+scalar (a few bytes each, whatever its shape), each parameter's scalar a different value: the
+TorchScript exporter merges parameters that are equal by value, and must not merge these. The
+graphs are exported with the parameters as graph inputs named by their state-dict keys
+(`export_params=False`), which `WeightWriter` then turns into initializers whose bytes live in
+`<graph>.data` beside the graph (ONNX external data: no 2 GB protobuf limit, and a runtime can
+map the file). A weight used only through a `Transpose` (nn.Linear's MatMul(x, W^T)) is stored
+transposed and the Transpose dropped, which constant folding would otherwise do at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import torch
+
+from ..model.config import LlavaPhiConfig
+from ..model.llava_phi import LlavaPhiForCausalLM
+
+_ONE_BITS = {torch.float32: (torch.int32, 0x3F800000), torch.float16: (torch.int16, 0x3C00)}
+_ALIGN = 64  # byte alignment of each tensor in a data file (lets a runtime map it)
+
+
+def placeholder_model(cfg: LlavaPhiConfig, dtype: torch.dtype) -> LlavaPhiForCausalLM:
+    """The model's structure on the CPU at almost no memory; parameter i holds the value whose
+    bits are those of 1.0 plus i (distinct, finite, normal) everywhere."""
+    with torch.device("meta"):
+        model = LlavaPhiForCausalLM(cfg)
+    bits, one = _ONE_BITS[dtype]
+    for i, (key, param) in enumerate(list(model.named_parameters())):
+        module_name, _, leaf = key.rpartition(".")
+        value = torch.tensor([one + i], dtype=bits).view(dtype).expand(param.shape)
+        model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(
+            value, requires_grad=False)
+    model.rebuild_buffers("cpu")  # rotary tables: fp32, as in a loaded model
+    return model.eval()
+
+
+def tensor_digest(key: str, tensor: torch.Tensor) -> str:
+    """One line of the source hash: key, dtype, shape and sha256 of the bytes."""
+    t = tensor.detach().cpu().contiguous()
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return f"{key}:{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)}:" \
+           f"{hashlib.sha256(data).hexdigest()}\n"
+
+
+def source_hash(digests: Mapping[str, str]) -> str:
+    """sha256 over every tensor's digest line, in key order: the source weights' identity
+    (independent of the order they were read in)."""
+    return hashlib.sha256("".join(digests[k] for k in sorted(digests)).encode()).hexdigest()
+
+
+class WeightWriter:
+    """One exported graph whose weight inputs become external-data initializers.
+
+    The graph's inputs named `prefix + key` for a key of the state dict are its weights; those
+    named in `constants` (the wrappers' own buffers: rotary tables) are written at once. Each
+    tensor is stored in the dtype the graph declares for it, and named by its state-dict key.
+    """
+
+    def __init__(self, graph_path: Path, state_keys: set[str], prefix: str,
+                 constants: Mapping[str, torch.Tensor]):
+        self.path = graph_path
+        self.data_name = graph_path.name + ".data"
+        self.model = onnx.load(str(graph_path))
+        graph = self.model.graph
+        declared = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+        # graph input -> initializer name
+        self.names = {prefix + k: k for k in state_keys if prefix + k in declared}
+        self.names.update({n: n for n in constants if n in declared})
+        self._dtypes = {n: onnx.helper.tensor_dtype_to_np_dtype(declared[n]) for n in self.names}
+        consumers: dict[str, list[onnx.NodeProto]] = {n: [] for n in self.names}
+        for node in graph.node:
+            for name in node.input:
+                if name in consumers:
+                    consumers[name].append(node)
+        # A weight read only by Transpose(perm=[1, 0]) nodes is stored transposed.
+        self._transposed = {n for n, nodes in consumers.items() if nodes and all(
+            node.op_type == "Transpose" and _perm(node) == [1, 0] for node in nodes)}
+        self._folded = [node for n in self._transposed for node in consumers[n]]
+        self._file: BinaryIO = open(graph_path.parent / self.data_name, "wb")  # noqa: SIM115
+        self._initializers: dict[str, onnx.TensorProto] = {}
+        for name in constants:
+            if name in self.names:
+                self.write(name, constants[name])
+
+    def write(self, input_name: str, tensor: torch.Tensor) -> None:
+        """Append one weight, given by its graph input name."""
+        value = tensor.detach().cpu()
+        if input_name in self._transposed:
+            value = value.t()
+        array = np.ascontiguousarray(value.numpy(), dtype=self._dtypes[input_name])
+        self._file.write(b"\0" * (-self._file.tell() % _ALIGN))
+        offset = self._file.tell()
+        self._file.write(memoryview(array).cast("B"))
+        name = self.names[input_name]
+        proto = onnx.TensorProto(name=name, dims=array.shape,
+                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                 data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", self.data_name), ("offset", offset), ("length", array.nbytes)):
+            proto.external_data.add(key=k, value=str(v))
+        self._initializers[input_name] = proto
+
+    def finish(self) -> None:
+        """Rewrite the graph: initializers in, weight inputs out, folded Transposes gone."""
+        self._file.close()
+        missing = sorted(n for n in self.names if n not in self._initializers)
+        if missing:
+            raise RuntimeError(f"{self.path.name}: weights never written: {', '.join(missing)}")
+        graph = self.model.graph
+        renamed = dict(self.names)
+        renamed.update({node.output[0]: self.names[node.input[0]] for node in self._folded})
+        for node in self._folded:
+            graph.node.remove(node)
+        for node in graph.node:
+            for j, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[j] = renamed[name]
+        kept = [i for i in graph.input if i.name not in self.names]
+        del graph.input[:]
+        graph.input.extend(kept)
+        graph.initializer.extend(self._initializers.values())
+        onnx.save(self.model, str(self.path))
+        onnx.checker.check_model(str(self.path))  # by path: external data and > 2 GB allowed
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
