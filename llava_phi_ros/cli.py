@@ -230,6 +230,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {', '.join(manifest['files'])} ({manifest['dtype']}, max_context "
           f"{manifest['max_context']}, opset {manifest['opset']}, source sha256 "
           f"{manifest['source_sha256'][:12]})")
+    check = manifest["tensorrt_10_3_check"]
+    for problem in check["problems"]:
+        print(f"warning: TensorRT 10.3 would refuse: {problem}", file=sys.stderr)
+    print(f"TensorRT 10.3 graph check: {check['nodes']} nodes, {len(check['problems'])} "
+          f"problems (against {check['source']})")
     return 0
 
 

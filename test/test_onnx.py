@@ -108,6 +108,7 @@ def test_builtin_tiny_exported_answers_like_torch(tmp_path):
 def test_export_is_self_contained_and_refuses_what_it_cannot_serve(random_export):
     manifest = read_manifest(random_export)
     assert manifest["opset"] == 17 and manifest["dtype"] == "float32"
+    assert manifest["tensorrt_10_3_check"]["problems"] == []
     assert len(manifest["source_sha256"]) == 64
     with pytest.raises(ModelLoadError, match="exported as float32"):
         VisionLanguageModel.load(str(random_export), backend="onnxruntime", dtype="float16")
@@ -141,35 +142,105 @@ def test_cli_export_then_ask_on_onnxruntime(tmp_path):
     assert np.allclose(answers[0]["token_logprobs"], answers[1]["token_logprobs"], atol=1e-4)
 
 
-def _feeds_from(model, names: set[str]) -> dict[str, list]:
-    """For each node, whether an input is (through shape-only ops) one of the named inputs."""
-    passthrough = {"Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
-    derived = set(names)
-    hits = []
-    for node in model.graph.node:  # nodes are topologically sorted
-        touched = [i for i in node.input if i in derived]
-        if not touched:
-            continue
-        if node.op_type in passthrough:
-            derived.update(node.output)
-        hits.append((node.op_type, touched))
-    return hits
-
-
 def test_the_decoder_graph_never_copies_its_cache(random_export):
     import onnx
 
-    decoder = onnx.load(str(random_export / "decoder.onnx"))
-    onnx.checker.check_model(decoder)
+    from llava_phi_ros.export.trt_check import SHAPE_ONLY, cache_copies
+
+    decoder = onnx.load(str(random_export / "decoder.onnx"), load_external_data=False)
     pasts = {i.name for i in decoder.graph.input if i.name.startswith("past_")}
     assert len(pasts) == 2 * random_model().config.text.num_hidden_layers
-    uses = _feeds_from(decoder, pasts)
-    assert uses and {op for op, _ in uses} <= {"MatMul", "Transpose"}, uses  # q.k and P.V only
-    assert all(op not in ("Concat", "Expand", "Tile") for op, _ in uses)
-    assert decoder.opset_import[0].version == 17 and decoder.ir_version <= 10
-    domains = {n.domain for n in decoder.graph.node} | {
-        n.domain for n in onnx.load(str(random_export / "vision.onnx")).graph.node}
-    assert domains <= {"", "ai.onnx"}  # standard ops only: no com.microsoft contrib ops
+    readers = {n.op_type for n in decoder.graph.node if set(n.input) & pasts}
+    assert readers and readers <= SHAPE_ONLY | {"MatMul"}, readers  # q.k and P.V only
+    assert cache_copies(decoder.graph) == []
+
+
+def test_the_graph_check_passes_on_exports_and_catches_what_tensorrt_refuses(random_export,
+                                                                             tmp_path):
+    from onnx import TensorProto, helper
+
+    from llava_phi_ros.export.trt_check import check_export, check_graph
+
+    report = check_export(random_export)
+    assert report["problems"] == [] and report["nodes"] > 100
+    assert "62bdde2a04fc" in report["source"]
+    export_model(random_model(), build_byte_tokenizer(), PREPROCESS, tmp_path / "half",
+                 dtype="float16")
+    assert check_export(tmp_path / "half")["problems"] == []
+
+    def graph(nodes, inputs, opset=17, ir=8, extra_opsets=()):
+        x = [helper.make_tensor_value_info(n, t, [2, 2]) for n, t in inputs]
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        model = helper.make_model(helper.make_graph(nodes, "g", x, [y]), opset_imports=[
+            helper.make_opsetid("", opset), *extra_opsets])
+        model.ir_version = ir
+        return check_graph(model)
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    assert graph([helper.make_node("Relu", ["a"], ["y"])], [("a", f)]) == []  # the control
+    assert "domain 'com.microsoft'" in graph(
+        [helper.make_node("FastGelu", ["a"], ["y"], domain="com.microsoft")], [("a", f)],
+        extra_opsets=[helper.make_opsetid("com.microsoft", 1)])[-1]
+    assert any("ir_version 11" in p for p in graph(
+        [helper.make_node("Relu", ["a"], ["y"])], [("a", f)], ir=11))
+    assert any("opset 23" in p for p in graph(
+        [helper.make_node("Relu", ["a"], ["y"])], [("a", f)], opset=23, ir=10))
+    assert any("input 'a' is INT64" in p for p in graph(
+        [helper.make_node("MatMul", ["a", "a"], ["m"]), helper.make_node("Cast", ["m"], ["y"],
+                                                                          to=f)], [("a", i64)]))
+    assert any("not supported" in p for p in graph(
+        [helper.make_node("Unique", ["a"], ["y"])], [("a", f)]))
+    assert any("axes must be a constant" in p for p in graph(
+        [helper.make_node("Unsqueeze", ["a", "axes"], ["y"])],
+        [("a", f), ("axes", i64)]))
+    assert any("Mean/InvStdDev used" in p for p in graph(
+        [helper.make_node("LayerNormalization", ["a", "s"], ["n", "mean"]),
+         helper.make_node("Add", ["n", "mean"], ["y"])], [("a", f), ("s", f)]))
+    copies = graph([helper.make_node("Concat", ["past_key_0", "a"], ["y"], axis=0)],
+                   [("past_key_0", f), ("a", f)])
+    assert any("Concat" in p and "reads the cache" in p for p in copies)
+
+
+def test_weights_are_external_data_named_by_their_keys_and_stored_transposed(random_export):
+    import onnx
+
+    model = random_model()
+    keys = set(model.state_dict())
+    stored = {}
+    for name in ("vision.onnx", "decoder.onnx"):
+        graph = onnx.load(str(random_export / name), load_external_data=False).graph
+        inits = {t.name: t for t in graph.initializer}
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in inits.values())
+        assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in graph.node)
+        assert not any(n.op_type == "Identity" for n in graph.node)  # no weights merged
+        stored |= {k: tuple(t.dims) for k, t in inits.items() if k in keys}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert stored[q] == tuple(model.state_dict()[q].shape[::-1])  # (in, out): MatMul(x, W^T)
+    unused = keys - set(stored) - {"model.embed_tokens.weight"}  # embed_tokens.npy
+    assert all(".vision_model." in k for k in unused), unused  # the layers after the feature
+
+
+def test_a_checkpoint_exports_streamed_as_the_model_in_memory_does(tmp_path):
+    from llava_phi_ros.export.onnx_export import export_checkpoint
+    from llava_phi_ros.model.checkpoint import save_canonical
+
+    model = random_model()
+    save_canonical(model, tmp_path / "ckpt", tokenizer=build_byte_tokenizer(),
+                   preprocess_config=PREPROCESS)
+    streamed = export_checkpoint(tmp_path / "ckpt", build_byte_tokenizer(), PREPROCESS,
+                                 tmp_path / "streamed")
+    in_memory = export_model(model, build_byte_tokenizer(), PREPROCESS, tmp_path / "memory")
+    assert streamed["source_sha256"] == in_memory["source_sha256"]
+    import onnx
+    from onnx import numpy_helper
+
+    for name in ("vision.onnx", "decoder.onnx"):  # the same weights (written in another order)
+        a, b = (onnx.load(str(tmp_path / d / name)) for d in ("streamed", "memory"))
+        assert a.graph.node == b.graph.node
+        weights = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+        assert {t.name for t in a.graph.initializer} == set(weights)
+        for t in a.graph.initializer:
+            np.testing.assert_array_equal(numpy_helper.to_array(t), weights[t.name])
 
 
 def test_fp16_export_stays_finite_where_raw_scores_overflow_fp16(tmp_path):

@@ -43,6 +43,7 @@ from .graphs import (
     new_names,
     past_names,
 )
+from .trt_check import check_export
 from .weights import WeightWriter, placeholder_model, source_hash, tensor_digest
 
 OPSET = 17
@@ -106,6 +107,7 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
             del tensor
         for writer in writers:
             writer.finish()
+        check = check_export(tmp)
         _write_json(tmp / CONFIG_FILE, cfg.to_original_dict(eos_token_id=tokenizer.eos_token_id))
         _write_extras(tmp, tokenizer, preprocess)
         manifest = {
@@ -114,6 +116,8 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
             "exporter": f"torch.onnx.export(dynamo=False) torch {torch.__version__}, weights "
                         "as external data",
             "num_layers": cfg.text.num_hidden_layers,
+            "tensorrt_10_3_check": {"source": check["source"], "nodes": check["nodes"],
+                                    "problems": check["problems"]},
             "files": sorted(f.name for f in tmp.iterdir()),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
