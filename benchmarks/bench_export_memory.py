@@ -63,7 +63,7 @@ out = Path(sys.argv[1])
 for name in ("vision.onnx", "decoder.onnx"):
     onnx.checker.check_model(str(out / name))
 report = check_export(out)
-print(json.dumps({"seconds": time.perf_counter() - start, "graph_check": report,
+print(json.dumps({"check_seconds": time.perf_counter() - start, "graph_check": report,
                   "files": {f.name: f.stat().st_size for f in sorted(out.iterdir())}}))
 """
 

@@ -259,6 +259,6 @@ def test_fp16_export_stays_finite_where_raw_scores_overflow_fp16(tmp_path):
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).numpy()
     ref = full.prefill(embed_prompt(full, prompt, full.encode_image(pixels)))
     logits = half.prefill(embed_prompt(half, prompt, half.encode_image(pixels))).float()
-    assert half.cache["past_key_0"].dtype == np.float16
+    assert half.cache["past_key_0"].dtype == torch.float16
     assert torch.isfinite(logits).all()
     assert float((logits - ref).abs().max() / ref.abs().max()) < 2e-2

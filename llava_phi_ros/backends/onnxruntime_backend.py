@@ -1,11 +1,13 @@
 """The ONNX Runtime backend: an export directory (`llava-phi export`) on the CPU provider, or
 CUDA's when asked for and present.
 
-The runtime owns the KV cache: one preallocated array per layer and kind at the export's fixed
-max_context, bound once to the decoder's past inputs through I/O binding (no per-token copy or
-allocation of the cache); each step's new keys/values come out and are written in at their
-positions. Everything else (the loop, choice scoring, prefix slots, streaming, cancel) is the
-shared code behind `Backend`.
+The runtime owns the KV cache: one preallocated torch tensor per layer and kind at the export's
+fixed max_context, on the session's device, whose memory is bound once to the decoder's past
+inputs through I/O binding (no per-token copy or allocation of the cache); each step's new
+keys/values come out into bound buffers too (reused for decode's S = 1) and are copied in at
+their positions. The same code serves the CPU and the CUDA provider: ORT is handed device
+pointers either way. Everything else (the loop, choice scoring, prefix slots, streaming,
+cancel) is the shared code behind `Backend`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from ..export.onnx_export import (
 )
 from ..model.metadata import ModelMetadata
 from .base import Backend, BackendError, KVSnapshot
+from .torch_backend import DTYPES as TORCH_DTYPES
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = None,
@@ -85,16 +88,22 @@ class OnnxRuntimeBackend(Backend):
         self.max_context = int(manifest["max_context"])
         self.model_id = (f"{metadata.name}/onnxruntime/{precision}"
                          f"/{manifest['source_sha256'][:12]}")
-        self.dtype = _NUMPY_DTYPES[precision]
-        self.embedding = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, D)
+        self.dtype = TORCH_DTYPES[precision]
+        self.device = torch.device(device if device.startswith("cuda") else "cpu")
+        # Where ORT finds bound buffers: ("cpu", 0) or ("cuda", index).
+        self._ort_device = (self.device.type, self.device.index or 0)
+        self.embedding = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, D), host
         t = self.config.text
         shape = (1, t.num_attention_heads, self.max_context, t.head_dim)
-        self.cache = {name: np.zeros(shape, self.dtype) for name in past_names(t.num_hidden_layers)}
+        self.cache = {name: torch.zeros(shape, dtype=self.dtype, device=self.device)
+                      for name in past_names(t.num_hidden_layers)}
         self._new = new_names(t.num_hidden_layers)
         self._binding = self.decoder.io_binding()
-        for name, array in self.cache.items():  # bound once: ORT reads these buffers in place
-            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        self._ort = ort
+        for name, tensor in self.cache.items():  # bound once: ORT reads these buffers in place
+            self._bind(name, tensor)
+        # decode's new keys/values (S = 1), reused every token; prefill allocates its own
+        self._new_decode = [torch.empty(shape[:2] + (1, shape[3]), dtype=self.dtype,
+                                        device=self.device) for _ in self._new]
 
     @staticmethod
     def _providers(device: str, available: Sequence[str]) -> list[str]:
@@ -128,40 +137,54 @@ class OnnxRuntimeBackend(Backend):
 
     def prefill(self, embeds: torch.Tensor, start_pos: int = 0,
                 all_logits: bool = False) -> torch.Tensor:
-        logits = self._run(embeds.numpy().astype(self.dtype, copy=False), start_pos, all_logits)
+        logits = self._run(embeds, start_pos, all_logits)
         return logits if all_logits else logits[-1]
 
     def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
         if not 0 <= pos < self.max_context:
             raise ValueError(f"position {pos} is outside the KV cache of {self.max_context}")
-        return self._run(self.embedding[[token_id]].astype(self.dtype), pos, False)[-1]
+        return self._run(self.embed_tokens([token_id]), pos, False)[-1]
 
-    def _run(self, embeds: np.ndarray, start_pos: int, all_logits: bool) -> torch.Tensor:
+    def _bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        """Bind a contiguous torch tensor's memory to a graph input or output (no copy)."""
+        kind, index = self._ort_device
+        bind = self._binding.bind_output if output else self._binding.bind_input
+        bind(name, kind, index, _NUMPY_DTYPES[tensor.dtype], list(tensor.shape),
+             tensor.data_ptr())
+
+    def _run(self, embeds: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
         """Run (S, D) embeddings at start_pos..; write their keys/values into the cache."""
         self._live()
         s = embeds.shape[0]
         if start_pos < 0 or start_pos + s > self.max_context:
             raise ValueError(f"positions {start_pos}..{start_pos + s - 1} do not fit the KV "
                              f"cache of {self.max_context}")
-        b = self._binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None]))
-        b.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + s, dtype=np.int64)[None])
-        b.bind_cpu_input("attention_bias",
-                         attention_bias(start_pos, s, self.max_context).numpy())
-        rows = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
-        b.bind_cpu_input("logit_positions", rows)
-        b.bind_output("logits")
-        for name in self._new:
-            b.bind_output(name)
-        self.decoder.run_with_iobinding(b)
-        logits, *new = b.copy_outputs_to_cpu()
+        dev = self.device
+        rows = torch.arange(s) if all_logits else torch.tensor([s - 1])
+        inputs = {  # each held until the run is done: ORT reads their memory
+            "inputs_embeds": embeds.to(dev, self.dtype).contiguous()[None],
+            "position_ids": torch.arange(start_pos, start_pos + s, device=dev)[None],
+            "attention_bias": attention_bias(start_pos, s, self.max_context).to(dev),
+            "logit_positions": rows.to(dev)}
+        for name, tensor in inputs.items():
+            self._bind(name, tensor)
+        logits = torch.empty((1, len(rows), self.config.text.vocab_size), device=dev)
+        self._bind("logits", logits, output=True)
+        first = self.cache[next(iter(self.cache))]
+        new = self._new_decode if s == 1 else [
+            torch.empty(first.shape[:2] + (s, first.shape[3]), dtype=self.dtype, device=dev)
+            for _ in self._new]
+        for name, tensor in zip(self._new, new, strict=True):
+            self._bind(name, tensor, output=True)
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # inputs written before ORT reads
+        self.decoder.run_with_iobinding(self._binding)
         for cached, entries in zip(self.cache.values(), new, strict=True):  # past_names order
-            cached[:, :, start_pos:start_pos + s] = entries  # (1, H, S, Dh)
-        b.clear_binding_outputs()
-        return torch.from_numpy(logits[0])  # (K, V)
+            cached[:, :, start_pos:start_pos + s].copy_(entries)  # (1, H, S, Dh)
+        return logits[0]  # (K, V) fp32, on the device
 
     def snapshot(self, n_positions: int) -> KVSnapshot:
-        data = {name: a[:, :, :n_positions].copy() for name, a in self.cache.items()}
+        data = {name: a[:, :, :n_positions].clone() for name, a in self.cache.items()}
         return KVSnapshot(n_positions, sum(a.nbytes for a in data.values()), data)
 
     def restore(self, snapshot: KVSnapshot, n_positions: int) -> None:
@@ -173,4 +196,7 @@ class OnnxRuntimeBackend(Backend):
         self.vision = self.decoder = None  # type: ignore[assignment]
         self._binding = None
         self.cache = {}
+        self._new_decode = []
         self.embedding = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
