@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
+from .. import __version__
 from ..backends import EXPORT_DTYPES
 from ..backends.torch_backend import DTYPES as TORCH_DTYPES
 from ..model.checkpoint import (
@@ -115,6 +117,8 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
             "dtype": dtype, "max_context": context, "opset": OPSET,
             "exporter": f"torch.onnx.export(dynamo=False) torch {torch.__version__}, weights "
                         "as external data",
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "llava_phi_ros": __version__},
             "num_layers": cfg.text.num_hidden_layers,
             "tensorrt_10_3_check": {"source": check["source"], "nodes": check["nodes"],
                                     "problems": check["problems"]},
