@@ -7,6 +7,8 @@ unanswered request, and the core keeps serving."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -96,3 +98,37 @@ def test_every_request_is_refused_specifically_or_answered(core, request):
 def test_still_serving_afterwards(core):
     outcome = core.submit(QueryRequest("What is there?", max_new_tokens=2)).result(WAIT_S)
     assert outcome.success, outcome
+
+
+_OPENED: list[str] = []
+_RECORDING = [False]
+
+
+def _audit(event_name: str, args: tuple) -> None:
+    if _RECORDING[0] and event_name == "open" and args and isinstance(args[0], (str, bytes)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+def test_no_request_field_makes_the_node_open_a_file(core, tmp_path):
+    """Every field that a path could hide in, set to a real file's path: the core opens nothing
+    under it while refusing or answering (Python's audit hook sees every open)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    path = str(secret)
+    sys.addaudithook(_audit)  # cannot be removed: it records only while _RECORDING
+    _OPENED.clear()
+    _RECORDING[0] = True
+    try:
+        secret.read_text()  # the control: the hook does see an open
+        assert _OPENED == [path], _OPENED
+        _OPENED.clear()
+        for fields in ({"question": path}, {"question": f"file://{path}"}, {"camera": path},
+                       {"request_id": path}, {"session_id": path}, {"choices": [path, "red"]}):
+            request = QueryRequest(**{**VALID, **fields})
+            try:
+                core.submit(request).result(timeout=WAIT_S)
+            except QueryRefused:
+                pass
+    finally:
+        _RECORDING[0] = False
+    assert not [p for p in _OPENED if str(tmp_path) in p], _OPENED
