@@ -45,8 +45,15 @@ import numpy as np
 
 from . import parameters
 from .model.generation import ContextOverflowError, GenerationConfig, expanded_length
-from .model.prompt import IMAGE_TOKEN, STOP_STRING, RequestError, strip_image_token
-from .pipeline import MAX_QUESTION_CHARS, AnsweringModel, EncodedImage, clean_choices
+from .model.prompt import (
+    IMAGE_TOKEN,
+    MAX_QUESTION_CHARS,
+    STOP_STRING,
+    RequestError,
+    clean_choices,
+    strip_image_token,
+)
+from .pipeline import AnsweringModel, EncodedImage
 
 log = logging.getLogger(__name__)
 
@@ -720,7 +727,7 @@ class AssistantCore:
             if not isinstance(choice, str):
                 self._refuse(BAD_REQUEST, f"choice {i} is a {type(choice).__name__}, not a string")
         try:
-            clean_choices(choices)  # the pipeline's own rules: none empty, no special tokens
+            clean_choices(choices)  # the template's rules: none empty, no special tokens
         except RequestError as exc:
             self._refuse(BAD_REQUEST, str(exc))
         context = model.max_context

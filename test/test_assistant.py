@@ -25,8 +25,8 @@ from llava_phi_ros.assistant import (
     QueryRequest,
 )
 from llava_phi_ros.model.generation import GenerationConfig
-from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
-from llava_phi_ros.pipeline import MAX_QUESTION_CHARS, VisionLanguageModel
+from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX, MAX_QUESTION_CHARS
+from llava_phi_ros.pipeline import VisionLanguageModel
 
 from .doubles import SharedModel, SlowModel
 
