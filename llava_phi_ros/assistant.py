@@ -3,7 +3,8 @@
 It holds per-camera frame buffers, validates requests (accepted or refused at once, with the
 error codes of srv/Query.srv), runs the model on ONE worker thread with a bounded FIFO of
 waiting jobs, and handles cancellation, timeouts, sessions, per-frame image-prefix caching and
-timing statistics. The ROS layer (`llava_phi_ros/ros/`) converts messages to `Frame` /
+timing statistics. Its parts move to `llava_phi_ros/core/` (so far: settings, frames, request
+checks, statistics). The ROS layer (`llava_phi_ros/ros/`) converts messages to `Frame` /
 `QueryRequest`, calls `submit()`, and turns the returned `Job`'s future into a response.
 
 Threading contract (what the ROS node relies on):
@@ -29,321 +30,65 @@ Clocks: `now_ns` is the node clock (ROS time: frame ages and stamps follow `use_
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
-
-import numpy as np
+from typing import Any
 
 from . import parameters
-from .model.generation import ContextOverflowError, GenerationConfig, expanded_length
-from .model.prompt import (
-    IMAGE_TOKEN,
-    MAX_QUESTION_CHARS,
-    STOP_STRING,
-    RequestError,
-    clean_choices,
-    strip_image_token,
+from .core.frames import MIB, Cameras, Frame, FrameBuffer, FrameRefused, image_problem
+from .core.requests import (
+    BAD_IMAGE,
+    BAD_REQUEST,
+    BUSY,
+    CANCELLED,
+    CONTEXT_OVERFLOW,
+    ERROR_CODES,
+    MODEL_ERROR,
+    NO_IMAGE,
+    NOT_READY,
+    STALE_IMAGE,
+    STAMP_OUT_OF_RANGE,
+    TIMEOUT,
+    UNKNOWN_CAMERA,
+    UNKNOWN_SESSION,
+    AnswerRecord,
+    QueryOutcome,
+    QueryRefused,
+    QueryRequest,
+    check_prompt,
+    check_request,
+    check_session_turn,
+    outcome_of,
+    select_frame,
+    session_id_of,
 )
+from .core.settings import AssistantSettings
+from .core.stats import LATENCY_WINDOW, Stats, camera_stats, latency_stats
+from .model.generation import ContextOverflowError, GenerationConfig
+from .model.prompt import STOP_STRING, RequestError, strip_image_token
 from .pipeline import AnsweringModel, EncodedImage
+
+__all__ = [  # the names the node and tests use, defined in llava_phi_ros/core/ now
+    "BAD_IMAGE", "BAD_REQUEST", "BUSY", "CANCELLED", "CONTEXT_OVERFLOW", "ERROR_CODES",
+    "LATENCY_WINDOW", "LOADER_THREAD", "MIB", "MODEL_ERROR", "NOT_READY", "NO_IMAGE",
+    "STALE_IMAGE", "STAMP_OUT_OF_RANGE", "TIMEOUT", "UNKNOWN_CAMERA", "UNKNOWN_SESSION",
+    "AnswerRecord", "AssistantCore", "AssistantSettings", "Frame", "FrameBuffer", "FrameRefused",
+    "Job", "QueryOutcome", "QueryRefused", "QueryRequest", "image_problem",
+]
 
 log = logging.getLogger(__name__)
 
-# Error codes: the values equal the names, as the constants of srv/Query.srv.
-NO_IMAGE = "NO_IMAGE"
-STALE_IMAGE = "STALE_IMAGE"
-STAMP_OUT_OF_RANGE = "STAMP_OUT_OF_RANGE"
-UNKNOWN_CAMERA = "UNKNOWN_CAMERA"
-BAD_IMAGE = "BAD_IMAGE"
-BAD_REQUEST = "BAD_REQUEST"
-UNKNOWN_SESSION = "UNKNOWN_SESSION"
-CONTEXT_OVERFLOW = "CONTEXT_OVERFLOW"
-BUSY = "BUSY"
-TIMEOUT = "TIMEOUT"
-CANCELLED = "CANCELLED"
-NOT_READY = "NOT_READY"
-MODEL_ERROR = "MODEL_ERROR"
-ERROR_CODES = (NO_IMAGE, STALE_IMAGE, STAMP_OUT_OF_RANGE, UNKNOWN_CAMERA, BAD_IMAGE, BAD_REQUEST,
-               UNKNOWN_SESSION, CONTEXT_OVERFLOW, BUSY, TIMEOUT, CANCELLED, NOT_READY, MODEL_ERROR)
-
-LATENCY_WINDOW = 100  # answers kept for the latency statistics
 LOADER_THREAD = "llava_phi_loader"  # the name of start_loading()'s thread
 ENDED_SESSIONS_REMEMBERED = 1024  # expired/evicted session ids that still get UNKNOWN_SESSION
-_MIB = 1024 * 1024
-
-
-# ----- settings --------------------------------------------------------------------------------
-_D = parameters.DEFAULTS
-
-
-@dataclass
-class AssistantSettings:
-    """The node parameters the core uses; defaults, types and ranges come from the schema
-    (llava_phi_ros/parameters.py). Model-loading parameters stay with the node."""
-
-    cameras: list[str] = field(default_factory=lambda: list(_D["cameras"]))
-    max_new_tokens: int = _D["max_new_tokens"]
-    temperature: float = _D["temperature"]
-    top_p: float = _D["top_p"]
-    system_prompt: str = _D["system_prompt"]  # "" = the model's default system prompt
-    max_image_age_s: float = _D["max_image_age_s"]  # 0 = no limit
-    frame_buffer_s: float = _D["frame_buffer_s"]
-    frame_buffer_max_mb: float = _D["frame_buffer_max_mb"]  # MiB per camera
-    stamp_tolerance_s: float = _D["stamp_tolerance_s"]
-    max_future_stamp_s: float = _D["max_future_stamp_s"]
-    query_timeout_s: float = _D["query_timeout_s"]
-    max_pending_queries: int = _D["max_pending_queries"]  # how many may WAIT while one runs
-    session_ttl_s: float = _D["session_ttl_s"]
-    max_sessions: int = _D["max_sessions"]
-    max_session_turns: int = _D["max_session_turns"]
-    preencode_latest: bool = _D["preencode_latest"]
-    prefix_cache_mb: float = _D["prefix_cache_mb"]  # applied by the worker before each job
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> AssistantSettings:
-        """The core's settings out of a mapping of (checked) parameter values."""
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
-
-    @property
-    def model_system_prompt(self) -> str | None:
-        """The system prompt for the model (None = its default)."""
-        return self.system_prompt or None
-
-    def validate(self) -> AssistantSettings:
-        """Check (and coerce) every field against the schema; ParameterError naming it."""
-        for name in self.__dataclass_fields__:
-            setattr(self, name, parameters.check(name, getattr(self, name)))
-        return self
-
-
-# ----- frames ----------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Frame:
-    """One RGB image with its grounding: camera, ROS stamp, frame_id and the original header."""
-
-    camera: str  # "" for an image sent inside a request
-    stamp_ns: int  # ROS time of the image header
-    frame_id: str
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    header: Any = None  # opaque: the ROS layer's original std_msgs/Header, returned in answers
-    received_ns: int = 0  # node-clock time of arrival
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the image array."""
-        return int(self.image.nbytes)
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        """The frame's identity for caching: (camera, stamp_ns, frame_id)."""
-        return (self.camera, self.stamp_ns, self.frame_id)
-
-
-def image_problem(image: Any) -> str | None:
-    """Why an array is not a usable (H, W, 3) uint8 RGB image, or None when it is."""
-    if not isinstance(image, np.ndarray):
-        return f"the image is a {type(image).__name__}, not a numpy array"
-    if image.ndim != 3 or image.shape[2] != 3:
-        return f"the image has shape {image.shape}; expected (H, W, 3)"
-    if image.dtype != np.uint8:
-        return f"the image has dtype {image.dtype}; expected uint8"
-    if image.size == 0:
-        return f"the image is empty (shape {image.shape})"
-    return None
-
-
-def _stamp_s(stamp_ns: int) -> str:
-    """A ROS stamp in seconds, for messages."""
-    return f"{stamp_ns / 1e9:.3f}"
-
-
-class FrameBuffer:
-    """The recent frames of one camera, ordered by stamp; thread-safe, O(1) for in-order frames.
-
-    Keeps frames within `duration_s` of the newest stamp and within `max_mb` MiB in total,
-    dropping the oldest first; the newest frame is always kept.
-    """
-
-    def __init__(self, duration_s: float, max_mb: float):
-        self._lock = threading.Lock()
-        self._frames: list[Frame] = []  # ascending stamp_ns
-        self._bytes = 0
-        self._arrivals: deque[int] = deque(maxlen=10000)  # received_ns within the window
-        self.refused_future = 0  # frames refused for a stamp ahead of the node clock
-        self.set_bounds(duration_s, max_mb)
-
-    def set_bounds(self, duration_s: float, max_mb: float) -> None:
-        """New bounds (live parameters); they apply from the next frame on."""
-        with self._lock:
-            self._duration_ns = int(duration_s * 1e9)
-            self._max_bytes = int(max_mb * _MIB)
-
-    def note_refused_future(self) -> None:
-        """Count a frame refused because its stamp lay too far ahead of the node clock."""
-        with self._lock:
-            self.refused_future += 1
-
-    def add(self, frame: Frame) -> None:
-        """Insert a frame and trim the buffer to its bounds."""
-        with self._lock:
-            frames = self._frames
-            if not frames or frame.stamp_ns >= frames[-1].stamp_ns:
-                frames.append(frame)
-            else:  # out of order (rare): keep the list sorted
-                bisect.insort_right(frames, frame, key=lambda f: f.stamp_ns)
-            self._bytes += frame.nbytes
-            newest = frames[-1].stamp_ns
-            drop = 0
-            while len(frames) - drop > 1 and (
-                    newest - frames[drop].stamp_ns > self._duration_ns
-                    or self._bytes > self._max_bytes):
-                self._bytes -= frames[drop].nbytes
-                drop += 1
-            if drop:
-                del frames[:drop]
-            arrivals = self._arrivals
-            arrivals.append(frame.received_ns)
-            while arrivals and arrivals[-1] - arrivals[0] > self._duration_ns:
-                arrivals.popleft()
-
-    def latest(self) -> Frame | None:
-        """The frame with the newest stamp, or None."""
-        with self._lock:
-            return self._frames[-1] if self._frames else None
-
-    def nearest(self, stamp_ns: int, tolerance_ns: int) -> Frame | None:
-        """The frame whose stamp is closest to stamp_ns, if within tolerance_ns (ties: older)."""
-        with self._lock:
-            frames = self._frames
-            i = bisect.bisect_left(frames, stamp_ns, key=lambda f: f.stamp_ns)
-            candidates = frames[max(i - 1, 0):i + 1]
-        if not candidates:
-            return None
-        best = min(candidates, key=lambda f: abs(f.stamp_ns - stamp_ns))
-        return best if abs(best.stamp_ns - stamp_ns) <= tolerance_ns else None
-
-    def stamp_range(self) -> tuple[int, int] | None:
-        """(oldest, newest) stamp in nanoseconds, or None when empty."""
-        with self._lock:
-            return (self._frames[0].stamp_ns, self._frames[-1].stamp_ns) if self._frames else None
-
-    def frames(self) -> list[Frame]:
-        """A snapshot of the buffered frames, oldest first."""
-        with self._lock:
-            return list(self._frames)
-
-    def clear(self) -> None:
-        """Drop every frame and the arrival history."""
-        with self._lock:
-            self._frames.clear()
-            self._bytes = 0
-            self._arrivals.clear()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the buffered images."""
-        with self._lock:
-            return self._bytes
-
-    @property
-    def rate_hz(self) -> float:
-        """Arrival rate (node clock, received_ns) over the buffer window; 0 with < 2 frames."""
-        with self._lock:
-            n = len(self._arrivals)
-            span = self._arrivals[-1] - self._arrivals[0] if n >= 2 else 0
-        return (n - 1) / (span / 1e9) if span > 0 else 0.0
-
-    @property
-    def last_received_ns(self) -> int | None:
-        """Node-clock arrival time of the most recently received frame."""
-        with self._lock:
-            return self._arrivals[-1] if self._arrivals else None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._frames)
-
-
-# ----- requests and answers --------------------------------------------------------------------
-@dataclass
-class QueryRequest:
-    """Query.srv's request, ROS-free (an inline sensor_msgs/Image arrives as a Frame)."""
-
-    question: str
-    request_id: str = ""
-    camera: str = ""  # "" = the first camera; must be "" when image is set
-    stamp_ns: int = 0  # 0 = the latest frame; else the buffered frame nearest it
-    image: Frame | None = None  # answer about this image instead of a camera frame
-    choices: Sequence[str] = ()
-    max_new_tokens: int = 0  # 0 = the default
-    temperature: float = -1.0  # < 0 = the default; 0 = greedy
-    top_p: float = -1.0  # < 0 = the default
-    session_id: str = ""  # non-empty = continue (or start) that conversation
-
-
-@dataclass
-class AnswerRecord:
-    """Everything Answer.msg carries, plus the Frame (for the debug image)."""
-
-    header: Any
-    stamp_ns: int
-    frame_id: str
-    request_id: str
-    camera: str
-    question: str
-    text: str = ""
-    finish_reason: str = "stop"  # "stop", "length", "cancelled" (stopped) or "error" (failed)
-    choices: list[str] = field(default_factory=list)
-    choice_logprobs: list[float] = field(default_factory=list)
-    choice_probs: list[float] = field(default_factory=list)
-    choice_index: int = -1
-    model_id: str = ""
-    tokens_generated: int = 0
-    queue_ms: float = 0.0
-    vision_ms: float = 0.0  # 0 on a cache hit
-    prefill_ms: float = 0.0
-    time_to_first_token_ms: float = 0.0  # from inference start (vision included)
-    decode_tokens_per_s: float = 0.0
-    total_ms: float = 0.0  # from acceptance to the answer
-    prompt_tokens: int = 0  # positions the prompt filled (history and image included)
-    reused_prefix_tokens: int = 0  # prompt positions whose KV came from the prefix cache
-    session_id: str = ""
-    frame: Frame | None = field(default=None, repr=False)
-
-
-@dataclass
-class QueryOutcome:
-    """Query.srv's response: success, an error code ('' on success), a message, the answer."""
-
-    success: bool
-    error_code: str = ""
-    message: str = ""
-    answer: AnswerRecord | None = None
-
-
-class FrameRefused(ValueError):
-    """A camera frame `AssistantCore.add_frame` does not buffer (the message says why)."""
-
-
-class QueryRefused(Exception):
-    """A request refused at once by `AssistantCore.submit`."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
-_STOPPED = (CANCELLED, TIMEOUT, NOT_READY)  # codes of answers stopped, not failed
 
 
 @dataclass(eq=False)
@@ -361,7 +106,7 @@ class Job:
     """An accepted request: its fixed frame and a future resolved with a QueryOutcome."""
 
     def __init__(self, core: AssistantCore, request: QueryRequest, request_id: str, frame: Frame,
-                 generation: GenerationConfig, accepted: float,
+                 generation: GenerationConfig, choices: tuple[str, ...], accepted: float,
                  on_text: Callable[[str, int], None] | None, session: _Session | None):
         self.request = request
         self.request_id = request_id
@@ -370,6 +115,7 @@ class Job:
         self.deadline = accepted + core.settings.query_timeout_s
         self.started: float | None = None  # steady clock, when the worker took it
         self.generation = generation
+        self.choices = choices  # checked and stripped
         self.future: Future[QueryOutcome] = Future()
         # RUNNING from the start, so Future.cancel() cannot bypass the core; use Job.cancel().
         self.future.set_running_or_notify_cancel()
@@ -423,8 +169,8 @@ class AssistantCore:
         self.settings = settings.validate()
         self._now_ns = now_ns
         self._monotonic = monotonic
-        self._buffers = {name: FrameBuffer(settings.frame_buffer_s, settings.frame_buffer_max_mb)
-                         for name in settings.cameras}
+        self._cameras = Cameras(settings.cameras, settings.frame_buffer_s,
+                                settings.frame_buffer_max_mb)
         # _lock guards the model/active state, queue, running job, sessions and statistics. It
         # is only ever held for short bookkeeping, never while the model runs or a future
         # resolves (done callbacks run synchronously inside set_result).
@@ -447,9 +193,7 @@ class AssistantCore:
         self._preencode_failed: dict[str, tuple[str, int, str]] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self._ended_sessions: OrderedDict[str, str] = OrderedDict()  # id -> why it ended
-        self._latency: deque[tuple[float, float, float]] = deque(maxlen=LATENCY_WINDOW)
-        self._error_counts = dict.fromkeys(ERROR_CODES, 0)
-        self._answers = 0
+        self._stats = Stats()
 
     # ----- model lifecycle ---------------------------------------------------------------------
     def load_model(self, loader: Callable[[], AnsweringModel]) -> None:
@@ -543,8 +287,7 @@ class AssistantCore:
         settings.validate()
         if settings.cameras != self.settings.cameras:
             raise parameters.ParameterError("cameras need a reload: clean up, set, configure")
-        for buffer in self._buffers.values():
-            buffer.set_bounds(settings.frame_buffer_s, settings.frame_buffer_max_mb)
+        self._cameras.set_bounds(settings.frame_buffer_s, settings.frame_buffer_max_mb)
         with self._lock:
             self.settings = settings
             while len(self._sessions) > settings.max_sessions:
@@ -591,36 +334,20 @@ class AssistantCore:
         """Buffer a camera frame; never waits for inference.
 
         FrameRefused for an unknown camera, an unusable image, or a stamp further ahead of the
-        node clock than max_future_stamp_s (such a frame would be "latest" until real time caught
-        up with it). A node clock at zero has not started (sim time before /clock): no check.
+        node clock than max_future_stamp_s (see Cameras.add).
         """
-        buffer = self._buffers.get(frame.camera)
-        if buffer is None:
-            raise FrameRefused(f"camera {frame.camera!r} is not configured "
-                               f"(cameras: {', '.join(self.settings.cameras)})")
-        problem = image_problem(frame.image)
-        if problem is not None:
-            raise FrameRefused(f"camera {frame.camera!r}: {problem}")
-        now_ns = self._now_ns()
-        ahead_s = (frame.stamp_ns - now_ns) / 1e9
-        limit_s = self.settings.max_future_stamp_s
-        if now_ns > 0 and ahead_s > limit_s:
-            buffer.note_refused_future()
-            raise FrameRefused(f"camera {frame.camera!r}: frame stamped {ahead_s:.3f} s ahead of "
-                               f"the node clock (max_future_stamp_s is {limit_s:g}); dropped")
-        buffer.add(frame)
+        self._cameras.add(frame, self._now_ns(), self.settings.max_future_stamp_s)
         if self.settings.preencode_latest:
             with self._lock:  # short: only wakes an idle worker
                 self._lock.notify_all()
 
     def frame_buffer(self, camera: str) -> FrameBuffer:
         """The buffer of one configured camera (KeyError otherwise)."""
-        return self._buffers[camera]
+        return self._cameras[camera]
 
     def clear_frames(self) -> None:
         """Drop every buffered frame."""
-        for buffer in self._buffers.values():
-            buffer.clear()
+        self._cameras.clear()
 
     def on_time_jump_back(self) -> None:
         """ROS time went backwards (rosbag loop, sim reset): drop frames and per-frame caches."""
@@ -637,12 +364,14 @@ class AssistantCore:
         with self._submit_lock:
             try:
                 return self._submit(request, on_text)
-            except QueryRefused:
+            except QueryRefused as refused:
+                self._stats.count_error(refused.code)
                 raise
             except Exception as exc:  # noqa: BLE001 - a request must end in a code, never a crash
                 log.exception("checking a request failed")
-                self._refuse(MODEL_ERROR, f"checking the request failed: "
-                                          f"{type(exc).__name__}: {exc}")
+                self._stats.count_error(MODEL_ERROR)
+                raise QueryRefused(MODEL_ERROR, f"checking the request failed: "
+                                                f"{type(exc).__name__}: {exc}") from exc
 
     def _submit(self, request: QueryRequest,
                 on_text: Callable[[str, int], None] | None) -> Job:
@@ -650,35 +379,24 @@ class AssistantCore:
         with self._lock:
             model, active, loading_since = self._model, self._active, self._loading_since
         if model is None and loading_since is not None:
-            self._refuse(NOT_READY, f"the model is still loading "
-                                    f"({self._monotonic() - loading_since:.1f} s so far)")
+            raise QueryRefused(NOT_READY, f"the model is still loading "
+                                          f"({self._monotonic() - loading_since:.1f} s so far)")
         if model is None:
-            self._refuse(NOT_READY, "no model is loaded")
+            raise QueryRefused(NOT_READY, "no model is loaded")
         if not active:
-            self._refuse(NOT_READY, "the node is not active")
-        gen = self._check_request(request, model)
+            raise QueryRefused(NOT_READY, "the node is not active")
+        checked = check_request(request, self.settings, model.max_context)
         session, is_new_session = self._session_for(request)
-        frame = session.frame if session is not None else self._select_frame(request)
+        frame = (session.frame if session is not None
+                 else select_frame(request, self._cameras, self.settings, self._now_ns()))
         history = self._history(session) if session is not None else []
-        try:
-            ids = model.prompt_ids(request.question, history, self.settings.model_system_prompt)
-        except RequestError as exc:
-            self._refuse(BAD_REQUEST, str(exc))
-        n_positions = expanded_length(ids, model.num_image_tokens)
-        if n_positions >= model.max_context:
-            hint = " (start a new session: the history is too long)" if history else ""
-            self._refuse(CONTEXT_OVERFLOW, f"the prompt needs {n_positions} positions "
-                                           f"(image and {len(history)} earlier turns included); "
-                                           f"the model's context has "
-                                           f"{model.max_context}{hint}")
+        check_prompt(model, request.question, history, self.settings.model_system_prompt)
         request_id = request.request_id or str(uuid.uuid4())
         with self._lock:
             if self._model is not model or not self._active:
-                self._error_counts[NOT_READY] += 1
                 raise QueryRefused(NOT_READY, "the node stopped serving")
             in_system = len(self._queue) + (1 if self._running is not None else 0)
             if in_system >= self.settings.max_pending_queries + 1:
-                self._error_counts[BUSY] += 1
                 raise QueryRefused(BUSY, f"{len(self._queue)} queries are waiting (the limit, "
                                          f"max_pending_queries, is "
                                          f"{self.settings.max_pending_queries}); try later")
@@ -690,130 +408,27 @@ class AssistantCore:
                     self._add_session(session)
                 else:
                     self._sessions.move_to_end(session.session_id)
-            job = Job(self, request, request_id, frame, gen, now, on_text, session)
+            job = Job(self, request, request_id, frame, checked.generation, checked.choices, now,
+                      on_text, session)
             self._queue.append(job)
             self._lock.notify_all()
         return job
 
-    def _refuse(self, code: str, message: str) -> NoReturn:
-        """Count and raise a refusal."""
-        with self._lock:
-            self._error_counts[code] += 1
-        raise QueryRefused(code, message)
-
-    def _check_request(self, request: QueryRequest, model: AnsweringModel
-                       ) -> GenerationConfig:
-        """BAD_REQUEST checks; the generation settings with the node's defaults filled in."""
-        q = request.question
-        if not isinstance(q, str) or not q.strip():
-            self._refuse(BAD_REQUEST, "the question is empty")
-        if len(q.strip()) > MAX_QUESTION_CHARS:
-            self._refuse(BAD_REQUEST, f"the question has {len(q.strip())} characters; the limit "
-                                      f"is {MAX_QUESTION_CHARS}")
-        if STOP_STRING in q:
-            self._refuse(BAD_REQUEST, f"the question contains the stop token {STOP_STRING!r}")
-        if IMAGE_TOKEN in q:
-            self._refuse(BAD_REQUEST, f"the question contains {IMAGE_TOKEN!r}; the image is "
-                                      "placed by the prompt template")
-        if request.image is not None and request.camera:
-            self._refuse(BAD_REQUEST, f"camera ({request.camera!r}) and image are both set; "
-                                      "send one of them")
-        if not isinstance(request.stamp_ns, int) or request.stamp_ns < 0:
-            self._refuse(BAD_REQUEST, f"stamp must be >= 0, got {request.stamp_ns!r}")
-        choices = request.choices
-        if isinstance(choices, str):
-            self._refuse(BAD_REQUEST, "choices must be a list of strings, not one string")
-        for i, choice in enumerate(choices):
-            if not isinstance(choice, str):
-                self._refuse(BAD_REQUEST, f"choice {i} is a {type(choice).__name__}, not a string")
-        try:
-            clean_choices(choices)  # the template's rules: none empty, no special tokens
-        except RequestError as exc:
-            self._refuse(BAD_REQUEST, str(exc))
-        context = model.max_context
-        max_new = request.max_new_tokens
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
-            self._refuse(BAD_REQUEST, f"max_new_tokens must be an integer >= 0, got {max_new!r}")
-        if max_new >= context:
-            self._refuse(BAD_REQUEST, f"max_new_tokens {max_new} does not fit the model's "
-                                      f"context of {context} positions")
-        temperature = self._sampling_value("temperature", request.temperature,
-                                           self.settings.temperature)
-        if not math.isfinite(temperature):
-            self._refuse(BAD_REQUEST, f"temperature must be finite, got {temperature}")
-        top_p = self._sampling_value("top_p", request.top_p, self.settings.top_p)
-        if not 0.0 < top_p <= 1.0:
-            self._refuse(BAD_REQUEST, f"top_p must be in (0, 1] (or < 0 for the default), "
-                                      f"got {top_p}")
-        return GenerationConfig(max_new_tokens=max_new or self.settings.max_new_tokens,
-                                temperature=temperature, top_p=top_p)
-
-    def _sampling_value(self, name: str, value: Any, default: float) -> float:
-        """A request's temperature/top_p: < 0 = the default; NaN and non-numbers refused."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._refuse(BAD_REQUEST, f"{name} must be a number, got {value!r}")
-        if math.isnan(value):
-            self._refuse(BAD_REQUEST, f"{name} is NaN")
-        return float(default) if value < 0 else float(value)
-
-    def _select_frame(self, request: QueryRequest) -> Frame:
-        """The inline image, the latest frame or the one nearest the stamp; refusals otherwise."""
-        if request.image is not None:
-            problem = image_problem(request.image.image)
-            if problem is not None:
-                self._refuse(BAD_IMAGE, problem)
-            return request.image
-        camera = request.camera or self.settings.cameras[0]
-        buffer = self._buffers.get(camera)
-        if buffer is None:
-            self._refuse(UNKNOWN_CAMERA, f"camera {camera!r} is not configured (cameras: "
-                                         f"{', '.join(self.settings.cameras)})")
-        latest = buffer.latest()
-        if latest is None:
-            self._refuse(NO_IMAGE, f"no frame from camera {camera!r} yet")
-        if request.stamp_ns:
-            tolerance_ns = int(self.settings.stamp_tolerance_s * 1e9)
-            frame = buffer.nearest(request.stamp_ns, tolerance_ns)
-            if frame is None:
-                span = buffer.stamp_range()
-                held = (f"the buffer holds stamps {_stamp_s(span[0])} .. {_stamp_s(span[1])} s"
-                        if span else "the buffer is empty")
-                self._refuse(STAMP_OUT_OF_RANGE, f"no frame from camera {camera!r} within "
-                                                 f"{self.settings.stamp_tolerance_s:g} s of stamp "
-                                                 f"{_stamp_s(request.stamp_ns)} s; {held}")
-            return frame
-        max_age = self.settings.max_image_age_s
-        age_s = (self._now_ns() - latest.stamp_ns) / 1e9
-        if max_age > 0 and age_s > max_age:
-            self._refuse(STALE_IMAGE, f"the latest frame from camera {camera!r} is {age_s:.3f} s "
-                                      f"old (max_image_age_s is {max_age:g})")
-        return latest
-
     # ----- sessions ----------------------------------------------------------------------------
     def _session_for(self, request: QueryRequest) -> tuple[_Session | None, bool]:
         """(session, is_new); a new one gets its frame later. Refusals for ended/misused ids."""
-        sid = request.session_id
+        sid = session_id_of(request)
         if not sid:
             return None, False
-        if not isinstance(sid, str):
-            self._refuse(BAD_REQUEST, f"session_id must be a string, got {sid!r}")
         with self._lock:
             self._expire_sessions()
             session = self._sessions.get(sid)
             ended = self._ended_sessions.get(sid)
+        check_session_turn(request, session.frame if session is not None else None, ended)
         if session is not None:
-            if request.image is not None:
-                self._refuse(BAD_REQUEST, f"session {sid!r} is bound to the frame of its first "
-                                          "turn; a later turn cannot send an image")
-            if request.camera and request.camera != session.frame.camera:
-                self._refuse(BAD_REQUEST, f"session {sid!r} is bound to the frame of its first "
-                                          f"turn (camera {session.frame.camera!r}); it cannot "
-                                          f"switch to camera {request.camera!r}")
             return session, False
-        if ended is not None:
-            self._refuse(UNKNOWN_SESSION, f"session {sid!r} has ended ({ended}); its history is "
-                                          "gone: use a new session_id")
-        return _Session(sid, self._select_frame(request)), True
+        return _Session(sid, select_frame(request, self._cameras, self.settings,
+                                          self._now_ns())), True
 
     def _history(self, session: _Session) -> list[tuple[str, str]]:
         """A snapshot of a session's finished turns (the last max_session_turns of them)."""
@@ -978,7 +593,7 @@ class AssistantCore:
         try:
             result = model.ask(encoded, request.question, history,
                                generation=job.generation,
-                               choices=tuple(request.choices), on_text=on_text,
+                               choices=job.choices, on_text=on_text,
                                should_cancel=should_cancel,
                                system_prompt=self.settings.model_system_prompt)
         except ContextOverflowError as exc:
@@ -1028,13 +643,10 @@ class AssistantCore:
         if job._session is not None:
             job._session.in_flight -= 1
         if code:
-            self._error_counts[code] += 1
-            # Not a finished answer: stopped (by the client, a timeout or the node) or failed.
-            answer.finish_reason = "cancelled" if code in _STOPPED else "error"
+            self._stats.count_error(code)
         else:
-            self._answers += 1
-            self._latency.append((answer.total_ms, answer.queue_ms, answer.decode_tokens_per_s))
-        return QueryOutcome(success=not code, error_code=code, message=message, answer=answer)
+            self._stats.count_answer(answer)
+        return outcome_of(code, message, answer)
 
     def _record_turn(self, session: _Session, question: str, answer: str) -> None:
         """Append a finished turn (caller holds _lock); an empty answer is not carried."""
@@ -1078,9 +690,8 @@ class AssistantCore:
         """A camera's newest frame that is not cached yet, when pre-encoding is on."""
         if not (self.settings.preencode_latest and self._active and self._model is not None):
             return None
-        for buffer in self._buffers.values():
-            frame = buffer.latest()
-            if frame is None or self.is_cached(frame):
+        for frame in self._cameras.latest_frames():
+            if self.is_cached(frame):
                 continue
             with self._cache_lock:
                 failed = self._preencode_failed.get(frame.camera) == frame.key
@@ -1112,38 +723,13 @@ class AssistantCore:
     # ----- diagnostics -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """A snapshot for /diagnostics: model, queue, cameras, latency, sessions, cache, errors."""
-        now_ns = self._now_ns()
-        settings = self.settings
-        cameras = {}
-        for name, buffer in self._buffers.items():
-            latest = buffer.latest()
-            last_rx = buffer.last_received_ns
-            silent_s = None if last_rx is None else (now_ns - last_rx) / 1e9
-            silent = silent_s is None or silent_s > settings.frame_buffer_s
-            age_s = None if latest is None else (now_ns - latest.stamp_ns) / 1e9
-            if latest is None:
-                problem = "no frames yet"
-            elif settings.max_image_age_s > 0 and age_s > settings.max_image_age_s:
-                problem = (f"stale: the newest frame is {age_s:.1f} s old (max_image_age_s "
-                           f"{settings.max_image_age_s:g}); queries get STALE_IMAGE")
-            elif silent:
-                problem = f"silent: nothing received for {silent_s:.1f} s"
-            else:
-                problem = ""
-            cameras[name] = {
-                "frames": len(buffer),
-                "rate_hz": 0.0 if silent else buffer.rate_hz,
-                "age_s": age_s,
-                "buffer_mb": buffer.nbytes / _MIB,
-                "refused_future": buffer.refused_future,
-                "problem": problem,  # '' = receiving fresh frames
-            }
+        cameras = camera_stats(self._cameras, self._now_ns(), self.settings)
         with self._cache_lock:
             cache_entries = len(self._cache)
         with self._lock:
             self._expire_sessions()
             model = self._model
-            samples = list(self._latency)
+            answers, errors, samples = self._stats.snapshot()
             out: dict[str, Any] = {
                 "model_loaded": model is not None,
                 "loading": self._loading_since is not None,
@@ -1157,10 +743,10 @@ class AssistantCore:
                 "sessions": len(self._sessions),
                 "cache_entries": cache_entries,
                 "prefix_cache": model.prefix_cache_stats() if model is not None else {},
-                "answers": self._answers,
-                "errors": dict(self._error_counts),
+                "answers": answers,
+                "errors": errors,
             }
-        out["latency"] = _latency_stats(samples)
+        out["latency"] = latency_stats(samples)
         return out
 
 
@@ -1170,19 +756,4 @@ def _close(model: AnsweringModel) -> None:
         model.close()
     except Exception:  # noqa: BLE001 - freeing memory must not break an unload
         log.exception("closing the model %s failed", model.description)
-
-
-def _latency_stats(samples: list[tuple[float, float, float]]) -> dict[str, float | int]:
-    """count, total_ms mean/p50/p95/max, queue_ms mean, decode tokens/s mean over samples."""
-    if not samples:
-        return {"count": 0, "total_ms_mean": 0.0, "total_ms_p50": 0.0, "total_ms_p95": 0.0,
-                "total_ms_max": 0.0, "queue_ms_mean": 0.0, "decode_tokens_per_s_mean": 0.0}
-    arr = np.asarray(samples, dtype=np.float64)  # (N, 3): total_ms, queue_ms, tokens/s
-    total = arr[:, 0]
-    return {"count": len(samples), "total_ms_mean": float(total.mean()),
-            "total_ms_p50": float(np.percentile(total, 50)),
-            "total_ms_p95": float(np.percentile(total, 95)), "total_ms_max": float(total.max()),
-            "queue_ms_mean": float(arr[:, 1].mean()),
-            "decode_tokens_per_s_mean": float(arr[:, 2].mean())}
-
 
