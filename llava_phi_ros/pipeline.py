@@ -29,17 +29,16 @@ from .model.generation import (
 from .model.metadata import ModelLoadError, ModelMetadata, load_metadata
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
 from .model.prompt import (
-    IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     STOP_STRING,
-    RequestError,
     build_prompt,
+    check_question,
+    clean_choices,
     tokenize_prompt,
 )
 from .model.tokenizer import Tokenizer
 from .prefix_cache import PrefixCache, mib
 
-MAX_QUESTION_CHARS = 4000
 DEFAULT_PREFIX_CACHE_MB: float = parameters.DEFAULTS["prefix_cache_mb"]
 
 
@@ -218,15 +217,8 @@ class VisionLanguageModel:
     def prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
                system_prompt: str | None = None) -> str:
         """The phi-2_v0 prompt for this question; RequestError for an unusable question."""
-        question = question.strip()
-        if not question:
-            raise RequestError("the question is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise RequestError(f"the question has {len(question)} characters; the limit is "
-                               f"{MAX_QUESTION_CHARS}")
-        if STOP_STRING in question:
-            raise RequestError(f"the question contains the stop token {STOP_STRING!r}")
-        return build_prompt(question, history, system_prompt or self.system_prompt)
+        return build_prompt(check_question(question), history,
+                            system_prompt or self.system_prompt)
 
     def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
                    system_prompt: str | None = None) -> list[int]:
@@ -300,15 +292,4 @@ class VisionLanguageModel:
                 for choice in choices]
         return score_choices(self.backend, prompt_ids, full, self.num_image_tokens,
                              should_cancel)
-
-
-def clean_choices(choices: Sequence[str]) -> list[str]:
-    """Choices stripped of surrounding space; RequestError for an empty one or a special token."""
-    cleaned = [c.strip() for c in choices]
-    for choice in cleaned:
-        if not choice:
-            raise RequestError("a choice is empty")
-        if STOP_STRING in choice or IMAGE_TOKEN in choice:
-            raise RequestError(f"the choice {choice!r} contains a special token")
-    return cleaned
 

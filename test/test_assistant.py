@@ -1,4 +1,6 @@
-"""The ROS-free service core (llava_phi_ros/assistant.py) with the real builtin:random-tiny model.
+"""The ROS-free service core end to end (llava_phi_ros/core/, imported through its first path
+llava_phi_ros.assistant) with the real builtin:random-tiny model. test/test_core_*.py test each
+of its modules alone.
 
 Real threads, a fake node clock and a shiftable steady clock. Timing-dependent cases (BUSY,
 TIMEOUT, CANCELLED) hold the worker with a slow model double (test/doubles.py) and synchronise
@@ -20,13 +22,12 @@ from llava_phi_ros.assistant import (
     AssistantCore,
     AssistantSettings,
     Frame,
-    FrameBuffer,
     QueryRefused,
     QueryRequest,
 )
 from llava_phi_ros.model.generation import GenerationConfig
-from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX
-from llava_phi_ros.pipeline import MAX_QUESTION_CHARS, VisionLanguageModel
+from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX, MAX_QUESTION_CHARS
+from llava_phi_ros.pipeline import VisionLanguageModel
 
 from .doubles import SharedModel, SlowModel
 
@@ -217,94 +218,6 @@ def test_settings_validation_names_field_and_reason(field: str, value: Any,
     with pytest.raises(ValueError) as info:
         AssistantSettings(**{field: value}).validate()
     assert field in str(info.value) and fragment in str(info.value)
-
-
-# ----- frame buffer ----------------------------------------------------------------------------
-def test_frame_buffer_keeps_its_duration_and_always_the_newest() -> None:
-    buf = FrameBuffer(duration_s=5.0, max_mb=100.0)
-    for i in range(11):
-        buf.add(frame(T0_NS + i * 10**9))
-    assert [f.stamp_ns for f in buf.frames()] == [T0_NS + i * 10**9 for i in range(5, 11)]
-    assert buf.latest().stamp_ns == T0_NS + 10 * 10**9
-    assert buf.stamp_range() == (T0_NS + 5 * 10**9, T0_NS + 10 * 10**9)
-    buf.clear()
-    assert len(buf) == 0 and buf.latest() is None and buf.stamp_range() is None
-    assert buf.nbytes == 0 and buf.rate_hz == 0.0
-
-
-def test_frame_buffer_keeps_its_size_bound() -> None:
-    one_mib = np.zeros((512, 683, 3), np.uint8)  # ~1 MiB (1,049,088 bytes)
-    buf = FrameBuffer(duration_s=100.0, max_mb=2.5)
-    for i in range(6):
-        buf.add(frame(T0_NS + i, img=one_mib))
-    assert len(buf) == 2 and buf.nbytes == 2 * one_mib.nbytes == 2 * buf.latest().nbytes
-    assert [f.stamp_ns for f in buf.frames()] == [T0_NS + 4, T0_NS + 5]
-    huge = np.zeros((1024, 1024, 3), np.uint8)  # 3 MiB: over the bound, yet the newest is kept
-    buf.add(frame(T0_NS + 6, img=huge))
-    assert len(buf) == 1 and buf.latest().image is huge
-
-
-def test_frame_buffer_nearest_stamp_and_out_of_order_frames() -> None:
-    buf = FrameBuffer(duration_s=5.0, max_mb=100.0)
-    ms = 10**6
-    for t in (0, 100, 300, 200):  # the 200 ms frame arrives late
-        buf.add(frame(T0_NS + t * ms, seed=t))
-    assert [f.stamp_ns - T0_NS for f in buf.frames()] == [0, 100 * ms, 200 * ms, 300 * ms]
-    assert buf.latest().stamp_ns == T0_NS + 300 * ms
-    assert buf.nearest(T0_NS + 140 * ms, 50 * ms).stamp_ns == T0_NS + 100 * ms
-    assert buf.nearest(T0_NS + 160 * ms, 50 * ms).stamp_ns == T0_NS + 200 * ms
-    assert buf.nearest(T0_NS + 150 * ms, 50 * ms).stamp_ns == T0_NS + 100 * ms  # tie: older
-    assert buf.nearest(T0_NS + 300 * ms, 0).stamp_ns == T0_NS + 300 * ms
-    assert buf.nearest(T0_NS + 360 * ms, 50 * ms) is None
-    assert buf.nearest(T0_NS - 60 * ms, 50 * ms) is None
-    assert buf.nearest(T0_NS - 40 * ms, 50 * ms).stamp_ns == T0_NS
-
-
-def test_frame_buffer_rate_uses_arrival_times() -> None:
-    buf = FrameBuffer(duration_s=2.0, max_mb=100.0)
-    for i in range(41):  # 10 Hz arrivals for 4 s; stamps all equal (a stuck camera clock)
-        buf.add(frame(T0_NS, received_ns=T0_NS + i * 10**8))
-    assert buf.rate_hz == pytest.approx(10.0)
-    buf.add(frame(T0_NS, received_ns=T0_NS + 41 * 10**8))
-    assert buf.rate_hz == pytest.approx(10.0)
-
-
-def test_frame_buffer_is_thread_safe() -> None:
-    buf = FrameBuffer(duration_s=0.5, max_mb=1.0)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    img = image(1)
-
-    def writer(k: int) -> None:
-        try:
-            for i in range(400):
-                buf.add(frame(T0_NS + (i * 4 + k) * 10**6, img=img))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-            errors.append(exc)
-
-    def reader() -> None:
-        try:
-            while not stop.is_set():
-                buf.latest(), buf.nearest(T0_NS + 10**9, 10**7), buf.rate_hz, len(buf)
-                stamps = [f.stamp_ns for f in buf.frames()]
-                assert stamps == sorted(stamps)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-            errors.append(exc)
-
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    writers = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
-    for t in readers + writers:
-        t.start()
-    for t in writers:
-        t.join(WAIT)
-    stop.set()
-    for t in readers:
-        t.join(WAIT)
-    assert not errors, errors
-    stamps = [f.stamp_ns for f in buf.frames()]
-    assert stamps == sorted(stamps) and stamps[-1] == T0_NS + 1599 * 10**6
-    assert stamps[-1] - stamps[0] <= 0.5e9
-    assert buf.nbytes == sum(f.nbytes for f in buf.frames()) <= 1024 * 1024
 
 
 # ----- refusals: every code, and the node keeps serving ----------------------------------------
@@ -864,7 +777,7 @@ def test_shutdown_resolves_every_job_and_joins_the_worker(make: Callable[..., Ha
     h.add()
     running, _, _ = h.hold_worker()
     waiting = [h.core.submit(QueryRequest(f"Q{i}?")) for i in range(3)]
-    worker = h.core._worker
+    worker = h.core._life.worker
     h.core.shutdown()
     assert worker is not None and not worker.is_alive()
     for job in [running, *waiting]:
@@ -1058,8 +971,8 @@ def test_unloading_abandons_a_load_in_progress(model: VisionLanguageModel) -> No
     assert not core.loading
     release.set()
     assert finished.wait(WAIT)
-    core._loader.join(WAIT)  # the loader thread's bookkeeping after the loader returned
-    assert not core._loader.is_alive()
+    core._life.loader.join(WAIT)  # the loader thread's bookkeeping after the loader returned
+    assert not core._life.loader.is_alive()
     assert not core.model_loaded and ended == []
     core.shutdown()
 

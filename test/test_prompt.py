@@ -7,11 +7,15 @@ from tokenizers import models, pre_tokenizers, processors, trainers
 from llava_phi_ros.model.prompt import (
     DEFAULT_SYSTEM_PROMPT,
     IMAGE_TOKEN_INDEX,
+    MAX_QUESTION_CHARS,
     STOP_STRING,
     Conversation,
     ImageTokenCountError,
     PromptError,
+    RequestError,
     build_prompt,
+    check_question,
+    clean_choices,
     count_image_tokens,
     render_conversation,
     strip_image_token,
@@ -195,3 +199,27 @@ def test_bos_kept_once_when_tokenizer_adds_one():
     # reference, seeing the prompt start with bos_token_id, would drop it).
     ids = tokenize_prompt("<|endoftext|>a<image><|endoftext|>b", plain)
     assert ids == [eos, 97, IMAGE_TOKEN_INDEX, eos, 98]
+
+
+def test_check_question_strips_and_enforces_the_text_rules():
+    assert check_question("  Is it red?\n") == "Is it red?"
+    assert check_question("x" * MAX_QUESTION_CHARS + "   ") == "x" * MAX_QUESTION_CHARS
+    for question, message in [("", "the question is empty"), (" \t", "the question is empty"),
+                              ("x" * (MAX_QUESTION_CHARS + 1),
+                               f"the question has {MAX_QUESTION_CHARS + 1} characters; the "
+                               f"limit is {MAX_QUESTION_CHARS}"),
+                              (f"Red?{STOP_STRING}", "the question contains the stop token "
+                                                     f"{STOP_STRING!r}")]:
+        with pytest.raises(RequestError) as info:
+            check_question(question)
+        assert str(info.value) == message
+
+
+def test_clean_choices_strips_and_refuses_empty_and_special_tokens():
+    assert clean_choices([" red ", "blue\n"]) == ["red", "blue"]
+    assert clean_choices(()) == []
+    with pytest.raises(RequestError, match="a choice is empty"):
+        clean_choices(["red", "  "])
+    for bad in (f"red{STOP_STRING}", "<image>"):
+        with pytest.raises(RequestError, match="contains a special token"):
+            clean_choices([bad])

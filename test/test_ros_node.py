@@ -459,7 +459,7 @@ def test_sessions_stay_on_their_first_frame_and_expire(graph):
 
 
 def test_model_error_then_still_serving(graph, node, monkeypatch):
-    model = node.core._model
+    model = node.core._life.model
     real_ask = model.ask
 
     def failing_ask(image, question, *args, **kwargs):

@@ -21,6 +21,7 @@ DEFAULT_SYSTEM_PROMPT = (
 STOP_STRING = "<|endoftext|>"
 ROLES = ("USER", "ASSISTANT")
 SEPS = (" ", STOP_STRING)  # after user turns, after assistant turns
+MAX_QUESTION_CHARS = 4000  # the longest question (stripped) anyone may ask
 
 
 class RequestError(ValueError):
@@ -49,6 +50,31 @@ class TextTokenizer(Protocol):
 def strip_image_token(text: str) -> str:
     """Remove `<image>` from a message and strip whitespace, as LLaVA's data preprocessing does."""
     return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def check_question(question: str) -> str:
+    """The question stripped; RequestError when empty, over MAX_QUESTION_CHARS or holding the
+    stop token. (`<image>` in it fails when the prompt is built.)"""
+    question = question.strip()
+    if not question:
+        raise RequestError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise RequestError(f"the question has {len(question)} characters; the limit is "
+                           f"{MAX_QUESTION_CHARS}")
+    if STOP_STRING in question:
+        raise RequestError(f"the question contains the stop token {STOP_STRING!r}")
+    return question
+
+
+def clean_choices(choices: Sequence[str]) -> list[str]:
+    """Choices stripped of surrounding space; RequestError for an empty one or a special token."""
+    cleaned = [c.strip() for c in choices]
+    for choice in cleaned:
+        if not choice:
+            raise RequestError("a choice is empty")
+        if STOP_STRING in choice or IMAGE_TOKEN in choice:
+            raise RequestError(f"the choice {choice!r} contains a special token")
+    return cleaned
 
 
 def _check_text(kind: str, index: int, text: str) -> None:

@@ -45,8 +45,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 
-from .. import assistant as core
-from .. import parameters
+from .. import core, parameters
 from ..action import Ask
 from ..model.builtin import BUILTIN_WARNINGS, BUILTINS
 from ..msg import Answer
