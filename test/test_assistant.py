@@ -1006,3 +1006,19 @@ def test_a_lower_max_session_turns_applies_to_the_next_turn(make: Callable[..., 
     h.core.update_settings(AssistantSettings(max_session_turns=1))
     assert h.ask("Turn 3?", session_id="s", max_new_tokens=2).success
     assert len(h.spy.histories[-1]) == 1  # not the three stored turns
+
+
+def test_a_frame_that_fails_to_decode_gets_bad_image_in_its_result(make: Callable[..., Harness]
+                                                                  ) -> None:
+    """Frames are decoded by the worker when a request selects them: a corrupt one ends that
+    request with BAD_IMAGE (the model never sees it) and the next frame is served."""
+    h = make()
+
+    def corrupt() -> np.ndarray:
+        raise ValueError("corrupt jpeg data: image file is truncated")
+
+    h.core.add_frame(Frame("camera", h.clock.t_ns, "cam", decode=corrupt, held_bytes=10,
+                           received_ns=h.clock.t_ns))
+    out = h.ask(stamp_ns=0, max_new_tokens=2)
+    assert out.error_code == A.BAD_IMAGE and "truncated" in out.message, out
+    h.serves()

@@ -173,3 +173,58 @@ def test_cameras_refuse_and_count_frames_stamped_in_the_future() -> None:
     cams.add(frame(T0_NS + 10**9, camera="front"), 0, 0.5)  # clock not started: no check
     assert cams["front"].refused_future == 1 and len(cams["front"]) == 2
 
+
+
+# ----- frames that arrive undecoded -------------------------------------------------------------
+def undecoded(rgb: np.ndarray, calls: list, fail: str = "", held: int = 100) -> Frame:
+    def decode() -> np.ndarray:
+        calls.append(1)
+        if fail:
+            raise ValueError(fail)
+        return rgb
+
+    return Frame("front", T0_NS, "cam", decode=decode, held_bytes=held)
+
+
+def test_an_undecoded_frame_decodes_once_on_first_read_and_then_holds_pixels() -> None:
+    rgb, calls = image(3), []
+    f = undecoded(rgb, calls)
+    assert not f.decoded and f.nbytes == 100 and f.problem() is None and calls == []
+    readers = [threading.Thread(target=lambda: f.image) for _ in range(8)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(WAIT)
+    assert calls == [1] and f.decoded and f.image is rgb and f.nbytes == rgb.nbytes
+
+
+def test_a_frame_that_fails_to_decode_says_why_every_time_without_retrying() -> None:
+    from llava_phi_ros.core.frames import FrameDecodeError
+
+    calls: list = []
+    f = undecoded(image(0), calls, fail="corrupt jpeg data: truncated")
+    for _ in range(2):
+        with pytest.raises(FrameDecodeError, match="camera 'front', frame at .* truncated"):
+            _ = f.image
+    assert calls == [1] and f.nbytes == 0  # the source bytes are dropped either way
+    bad = Frame("front", T0_NS, "cam", decode=lambda: np.zeros((4, 4), np.uint8))
+    with pytest.raises(FrameDecodeError, match="shape"):
+        _ = bad.image
+    with pytest.raises(ValueError, match="one of them"):
+        Frame("front", T0_NS, "cam")
+
+
+def test_the_buffer_bound_counts_frames_decoded_after_they_were_buffered() -> None:
+    """A decoded frame holds its pixels, not its compressed bytes: the next add trims by that."""
+    rgb = image(1)  # 32 x 40 x 3 = 3840 bytes
+    buffer = FrameBuffer(duration_s=60.0, max_mb=3 * rgb.nbytes / 2**20)
+    frames = [Frame("front", T0_NS + i, "cam", decode=lambda: rgb, held_bytes=100)
+              for i in range(10)]
+    for f in frames:
+        buffer.add(f)
+    assert len(buffer) == 10 and buffer.nbytes == 1000  # compressed: all fit
+    for f in frames[5:]:
+        _ = f.image  # five requests decoded these: 5 x 3840 bytes now
+    buffer.add(Frame("front", T0_NS + 10, "cam", decode=lambda: rgb, held_bytes=100))
+    assert buffer.nbytes <= 3 * rgb.nbytes and len(buffer) < 11
+    assert buffer.latest().stamp_ns == T0_NS + 10

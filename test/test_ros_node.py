@@ -113,6 +113,35 @@ def test_compressed_transport(graph, direct):
     assert_close(got.choice_logprobs, direct_choice_logprobs(direct, decoded))
 
 
+def test_compressed_frames_are_decoded_only_when_a_request_selects_one(graph, monkeypatch):
+    """Intake checks headers only: of ten buffered JPEGs only the one a query selects is
+    decoded (on the worker), and one whose data is corrupt behind a valid header ends its
+    query with BAD_IMAGE while the node serves on."""
+    from llava_phi_ros.ros import assistant_node
+
+    decoded = []
+    real = assistant_node.compressed_msg_to_rgb
+
+    def counting(msg):
+        decoded.append(threading.current_thread().name)
+        return real(msg)
+
+    monkeypatch.setattr(assistant_node, "compressed_msg_to_rgb", counting)
+    node = graph.assistant("lazy", image_transport="compressed")
+    for i in range(10):
+        graph.publish_frame(node, "camera", compressed_msg(scene(40 + i), "jpeg",
+                                                         t=70.0 + 0.25 * i))
+    assert decoded == [] and len(node.core.frame_buffer("camera")) == 10
+    ask_ok(graph, node, question=QUESTION, stamp=stamp(70.75), max_new_tokens=2)
+    assert len(decoded) == 1 and decoded[0] != threading.main_thread().name
+    jpeg = compressed_msg(scene(50), "jpeg", t=72.5)
+    jpeg.data = jpeg.data[: len(jpeg.data) // 3]  # the header survives, the pixels do not
+    graph.publish_frame(node, "camera", jpeg)
+    bad = graph.query(node, question=QUESTION, stamp=stamp(72.5), max_new_tokens=2)
+    assert bad.error_code == R.BAD_IMAGE and "truncated" in bad.message, bad.message
+    ask_ok(graph, node, question=QUESTION, stamp=stamp(71.0), max_new_tokens=2)
+
+
 def test_inline_image_in_the_request(graph, node, direct):
     rgb = scene(4)
     msg = image_msg(rgb, "bgr8", t=3.5, frame_id="hand_camera")

@@ -9,7 +9,7 @@ response.
 
 Modules, each with its own locking rules in its docstring:
 - `settings`: AssistantSettings (the node parameters the core uses).
-- `frames`: Frame, image_problem, FrameBuffer, Cameras (frame intake checks).
+- `frames`: Frame (decoded on first use), image_problem, FrameBuffer, Cameras (intake checks).
 - `requests`: error codes, QueryRequest, AnswerRecord, QueryOutcome, QueryRefused and every
   check a request passes before it is accepted.
 - `sessions`: Session and the SessionTable (TTL, LRU eviction, history).
@@ -42,7 +42,7 @@ Clocks: `now_ns` is the node clock (ROS time: frame ages and stamps follow `use_
 """
 
 from .features import FeatureCache
-from .frames import Cameras, Frame, FrameBuffer, FrameRefused, image_problem
+from .frames import Cameras, Frame, FrameBuffer, FrameDecodeError, FrameRefused, image_problem
 from .jobs import Job, JobQueue
 from .lifecycle import LOADER_THREAD, ModelLifecycle
 from .requests import (
@@ -76,7 +76,8 @@ __all__ = [
     "ENDED_SESSIONS_REMEMBERED", "ERROR_CODES", "LATENCY_WINDOW", "LOADER_THREAD", "MODEL_ERROR",
     "NOT_READY", "NO_IMAGE", "STALE_IMAGE", "STAMP_OUT_OF_RANGE", "TIMEOUT", "UNKNOWN_CAMERA",
     "UNKNOWN_SESSION", "WORKER_THREAD", "AnswerRecord", "AssistantCore", "AssistantSettings",
-    "Cameras", "FeatureCache", "Frame", "FrameBuffer", "FrameRefused", "Job", "JobQueue",
+    "Cameras", "FeatureCache", "Frame", "FrameBuffer", "FrameDecodeError", "FrameRefused", "Job",
+    "JobQueue",
     "ModelLifecycle", "QueryOutcome", "QueryRefused", "QueryRequest", "Session", "SessionTable",
     "Stats", "Worker", "image_problem",
 ]

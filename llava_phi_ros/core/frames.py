@@ -1,15 +1,18 @@
 """Camera frames and the per-camera buffers that keep the recent ones.
 
 A `Frame` is one RGB image with its grounding (camera, ROS stamp, frame_id, the original
-header). The rest of the core reads a frame's pixels only through `Frame.image` (the worker's
-vision encode, the node's debug overlay), checks them only through `Frame.problem()` and counts
-its memory through `Frame.nbytes`: a later frame that carries compressed bytes can decode
-`image` on first use and report the bytes it holds, with no change elsewhere.
+header). Camera frames arrive undecoded (the JPEG/PNG bytes or the raw buffer, checked from
+their headers by the ROS layer) and are decoded only when read: by the worker, for the frame a
+request selects and, with `preencode_latest`, each camera's newest. The rest of the core reads
+pixels only through `Frame.image`, checks them through `Frame.problem()` and counts memory
+through `Frame.nbytes` (the bytes held now), so the buffers' memory bound holds either way.
 
-Locking: each `FrameBuffer` has its own lock, which guards its frame list, byte count, arrival
-history, bounds and `refused_future` counter. It is held only for list bookkeeping; nothing is
-called out of it, and no other lock is taken while it is held (a leaf lock: callers may hold the
-core's lock when they read a buffer). `Cameras` is immutable after construction (the camera set
+Locking: a `Frame` has a leaf lock that makes its one decode happen once (the reader that
+decodes holds it; a concurrent reader waits). Each `FrameBuffer` has its own lock, which
+guards its frame list, arrival history, bounds and `refused_future` counter. It is held only
+for list bookkeeping (a frame's `nbytes` is a plain read); nothing is called out of it, and no
+other lock is taken while it is held (a leaf lock: callers may hold the core's lock when they
+read a buffer). `Cameras` is immutable after construction (the camera set
 changes only with a reload), so it needs no lock of its own.
 """
 
@@ -18,8 +21,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,21 +33,75 @@ class FrameRefused(ValueError):
     """A camera frame `AssistantCore.add_frame` does not buffer (the message says why)."""
 
 
-@dataclass(eq=False)
-class Frame:
-    """One RGB image with its grounding: camera, ROS stamp, frame_id and the original header."""
+class FrameDecodeError(ValueError):
+    """A frame whose pixels could not be decoded when first used (its request gets BAD_IMAGE)."""
 
-    camera: str  # "" for an image sent inside a request
-    stamp_ns: int  # ROS time of the image header
-    frame_id: str
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    header: Any = None  # opaque: the ROS layer's original std_msgs/Header, returned in answers
-    received_ns: int = 0  # node-clock time of arrival
+
+class Frame:
+    """One RGB image with its grounding: camera, ROS stamp, frame_id and the original header.
+
+    Either decoded (`image` given) or as it arrived (`decode` given: a function returning the
+    (H, W, 3) uint8 RGB array, holding the message's compressed or raw bytes, `held_bytes` of
+    them). A frame as it arrived is decoded on the first read of `image`, on that reader's
+    thread (the worker's, never the executor's), once: the pixels are kept, the source bytes
+    dropped, and a failure is remembered and raised again as FrameDecodeError.
+    """
+
+    def __init__(self, camera: str, stamp_ns: int, frame_id: str,
+                 image: np.ndarray | None = None, header: Any = None, received_ns: int = 0, *,
+                 decode: Callable[[], np.ndarray] | None = None, held_bytes: int = 0):
+        if (image is None) == (decode is None):
+            raise ValueError("a Frame takes an image or a decode function (one of them)")
+        self.camera = camera  # "" for an image sent inside a request
+        self.stamp_ns = stamp_ns  # ROS time of the image header
+        self.frame_id = frame_id
+        self.header = header  # opaque: the ROS layer's std_msgs/Header, returned in answers
+        self.received_ns = received_ns  # node-clock time of arrival
+        self._image = image
+        self._decode = decode
+        self._held_bytes = held_bytes
+        self._error: str | None = None
+        self._lock = threading.Lock()  # one decode at a time (a leaf lock)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The (H, W, 3) uint8 RGB pixels, decoded now if the frame came compressed or raw."""
+        image = self._image
+        if image is not None:
+            return image
+        with self._lock:
+            if self._image is None:
+                if self._error is None:
+                    self._decode_locked()
+                if self._error is not None:
+                    raise FrameDecodeError(self._error)
+            return self._image  # type: ignore[return-value]
+
+    def _decode_locked(self) -> None:
+        assert self._decode is not None
+        try:
+            image = self._decode()
+            problem = image_problem(image)
+        except ValueError as exc:  # ImageConversionError and the like: the data's fault
+            problem, image = str(exc), None
+        if problem is not None:
+            where = f"camera {self.camera!r}" if self.camera else "the request's image"
+            self._error = f"{where}, frame at {stamp_s(self.stamp_ns)} s: {problem}"
+        else:
+            self._image = image
+        self._decode = None  # the source bytes go either way
+        self._held_bytes = 0
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the pixels are here (the frame arrived decoded or has been read)."""
+        return self._image is not None
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the image array."""
-        return int(self.image.nbytes)
+        """Bytes the frame holds: its pixels once decoded, else the bytes it arrived as."""
+        image = self._image
+        return int(image.nbytes) if image is not None else self._held_bytes
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -53,8 +109,9 @@ class Frame:
         return (self.camera, self.stamp_ns, self.frame_id)
 
     def problem(self) -> str | None:
-        """Why this frame's image cannot be used, or None when it can."""
-        return image_problem(self.image)
+        """Why this frame's image cannot be used, or None when it can (a frame not decoded yet
+        was checked from its header at intake; its pixels are checked when decoded)."""
+        return image_problem(self._image) if self._image is not None else None
 
 
 def image_problem(image: Any) -> str | None:
@@ -85,7 +142,6 @@ class FrameBuffer:
     def __init__(self, duration_s: float, max_mb: float):
         self._lock = threading.Lock()
         self._frames: list[Frame] = []  # ascending stamp_ns
-        self._bytes = 0
         self._arrivals: deque[int] = deque(maxlen=10000)  # received_ns within the window
         self.refused_future = 0  # frames refused for a stamp ahead of the node clock
         self.set_bounds(duration_s, max_mb)
@@ -109,13 +165,14 @@ class FrameBuffer:
                 frames.append(frame)
             else:  # out of order (rare): keep the list sorted
                 bisect.insort_right(frames, frame, key=lambda f: f.stamp_ns)
-            self._bytes += frame.nbytes
+            # Summed afresh: a frame's bytes change when a request decodes it.
+            total = sum(f.nbytes for f in frames)
             newest = frames[-1].stamp_ns
             drop = 0
             while len(frames) - drop > 1 and (
                     newest - frames[drop].stamp_ns > self._duration_ns
-                    or self._bytes > self._max_bytes):
-                self._bytes -= frames[drop].nbytes
+                    or total > self._max_bytes):
+                total -= frames[drop].nbytes
                 drop += 1
             if drop:
                 del frames[:drop]
@@ -154,14 +211,13 @@ class FrameBuffer:
         """Drop every frame and the arrival history."""
         with self._lock:
             self._frames.clear()
-            self._bytes = 0
             self._arrivals.clear()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the buffered images."""
+        """Bytes held by the buffered frames (decoded pixels, or the bytes they arrived as)."""
         with self._lock:
-            return self._bytes
+            return sum(f.nbytes for f in self._frames)
 
     @property
     def rate_hz(self) -> float:

@@ -27,9 +27,9 @@ from ..model.generation import ContextOverflowError
 from ..model.prompt import RequestError
 from ..pipeline import AnsweringModel, AskResult
 from .features import FeatureCache
-from .frames import Cameras, Frame
+from .frames import Cameras, Frame, FrameDecodeError
 from .jobs import Job, JobQueue, Stop
-from .requests import BAD_REQUEST, CONTEXT_OVERFLOW, MODEL_ERROR, AnswerRecord
+from .requests import BAD_IMAGE, BAD_REQUEST, CONTEXT_OVERFLOW, MODEL_ERROR, AnswerRecord
 from .sessions import SessionTable
 from .settings import AssistantSettings
 
@@ -136,7 +136,11 @@ class Worker:
         encoded = self._features.get(job.frame)
         vision_ms = 0.0
         if encoded is None:
-            encoded = self._model.encode_image(job.frame.image)
+            try:
+                pixels = job.frame.image  # a frame that arrived compressed is decoded here
+            except FrameDecodeError as exc:
+                return BAD_IMAGE, str(exc), None
+            encoded = self._model.encode_image(pixels)
             vision_ms = encoded.vision_ms
             if cacheable:
                 self._features.put(job.frame, encoded)
@@ -187,6 +191,9 @@ class Worker:
         """Encode one frame into the cache (between jobs)."""
         try:
             self._features.put(frame, self._model.encode_image(frame.image))
+        except FrameDecodeError as exc:  # the frame's data, not the model: no traceback
+            log.warning("pre-encoding skipped a frame: %s", exc)
+            self._features.mark_failed(frame)
         except Exception:  # noqa: BLE001 - a background encode must not kill the worker
             log.exception("pre-encoding a frame of camera %r failed", frame.camera)
             self._features.mark_failed(frame)

@@ -54,6 +54,8 @@ from ..srv import Query
 from .debug_overlay import draw_answer
 from .image_conversion import (
     ImageConversionError,
+    check_compressed_msg,
+    check_image_msg,
     compressed_msg_to_rgb,
     image_msg_to_rgb,
     rgb_to_image_msg,
@@ -317,33 +319,26 @@ class AssistantNode(LifecycleNode):
             # One mutually exclusive group per camera: a camera's frames stay in order, cameras
             # run in parallel, and none of them shares a group with the request callbacks.
             group = MutuallyExclusiveCallbackGroup()
-            if transport == "compressed":
-                sub = self.create_subscription(
-                    CompressedImage, f"{camera}/image_raw/compressed",
-                    lambda msg, c=camera: self._on_image(c, msg, compressed_msg_to_rgb), qos,
-                    callback_group=group)
-            else:
-                sub = self.create_subscription(
-                    Image, f"{camera}/image_raw",
-                    lambda msg, c=camera: self._on_image(c, msg, image_msg_to_rgb), qos,
-                    callback_group=group)
+            msg_type, topic = ((CompressedImage, f"{camera}/image_raw/compressed")
+                               if transport == "compressed" else (Image, f"{camera}/image_raw"))
+            sub = self.create_subscription(msg_type, topic,
+                                           lambda msg, c=camera: self._on_image(c, msg), qos,
+                                           callback_group=group)
             self._camera_subscriptions.append(sub)
 
-    def _on_image(self, camera: str, msg: Any, convert: Any) -> None:
+    def _on_image(self, camera: str, msg: Any) -> None:
+        """Buffer a frame as it arrived (checked from its header; decoded only when a request
+        or pre-encoding reads it, on the worker): microseconds on the executor."""
         assistant = self.core
         if assistant is None:
             return
+        max_bytes = assistant.settings.frame_buffer_max_mb * 2**20
         try:
-            rgb = convert(msg)
+            frame = undecoded_frame(msg, camera, self._now_ns(), max_bytes)
+            assistant.add_frame(frame)
         except ImageConversionError as exc:
             self.get_logger().warning(f"{camera}: dropped a frame: {exc}",
                                       throttle_duration_sec=5.0)
-            return
-        try:
-            assistant.add_frame(core.Frame(camera=camera,
-                                           stamp_ns=stamp_to_ns(msg.header.stamp),
-                                           frame_id=msg.header.frame_id, image=rgb,
-                                           header=msg.header, received_ns=self._now_ns()))
         except core.FrameRefused as exc:
             self.get_logger().warning(f"dropped a frame: {exc}", throttle_duration_sec=5.0)
 
@@ -360,13 +355,10 @@ class AssistantNode(LifecycleNode):
         """Query request / Ask goal -> core request (an inline image is converted here)."""
         frame = None
         if req.image.height or req.image.width or len(req.image.data):
-            try:
-                rgb = image_msg_to_rgb(req.image)
+            try:  # checked here, converted on the worker (BAD_IMAGE either way)
+                frame = undecoded_frame(req.image, "", self._now_ns())
             except ImageConversionError as exc:
                 raise core.QueryRefused(core.BAD_IMAGE, str(exc)) from exc
-            frame = core.Frame(camera="", stamp_ns=stamp_to_ns(req.image.header.stamp),
-                               frame_id=req.image.header.frame_id, image=rgb,
-                               header=req.image.header, received_ns=self._now_ns())
         return core.QueryRequest(
             question=req.question, request_id=req.request_id, camera=req.camera,
             stamp_ns=stamp_to_ns(req.stamp), image=frame, choices=tuple(req.choices),
@@ -543,6 +535,23 @@ def _check_device_exists(device: str) -> None:
         check_device(device)
     except BackendError as exc:
         raise ValueError(str(exc)) from exc
+
+
+def undecoded_frame(msg: Any, camera: str, received_ns: int,
+                    max_bytes: float | None = None) -> core.Frame:
+    """A core Frame of an Image or CompressedImage message, not decoded: its header checked
+    (ImageConversionError otherwise, also when its pixels would exceed max_bytes), the message's
+    own data kept, and the conversion run when the frame is first read."""
+    compressed = isinstance(msg, CompressedImage)
+    height, width = (check_compressed_msg if compressed else check_image_msg)(msg)
+    if max_bytes is not None and height * width * 3 > max_bytes:
+        raise ImageConversionError(
+            f"{width}x{height} decodes to {height * width * 3 / 2**20:.0f} MiB, more than a "
+            f"camera's frame buffer holds (frame_buffer_max_mb {max_bytes / 2**20:g})")
+    convert = compressed_msg_to_rgb if compressed else image_msg_to_rgb
+    return core.Frame(camera, stamp_to_ns(msg.header.stamp), msg.header.frame_id,
+                      header=msg.header, received_ns=received_ns,
+                      decode=lambda: convert(msg), held_bytes=len(msg.data))
 
 
 def diagnostics_statuses(node_name: str, stats: dict[str, Any] | None,

@@ -28,6 +28,8 @@ __all__ = [
     "COMPRESSED_FORMATS",
     "SUPPORTED_ENCODINGS",
     "ImageConversionError",
+    "check_compressed_msg",
+    "check_image_msg",
     "compressed_msg_to_rgb",
     "image_msg_to_rgb",
     "rgb_to_compressed_msg",
@@ -170,6 +172,19 @@ def _yuv_to_rgb(y0: np.ndarray, y1: np.ndarray, u: np.ndarray, v: np.ndarray) ->
     return out.reshape(h, half * 2, 3)
 
 
+def check_image_msg(msg: Any) -> tuple[int, int]:
+    """(height, width) of a sensor_msgs/Image that image_msg_to_rgb will convert, checked from
+    its fields alone (encoding, size, step against width and length): microseconds, no copy.
+    Raises ImageConversionError with the reason otherwise."""
+    encoding = canonical_encoding(str(msg.encoding))
+    if encoding in ("yuv422_yuy2", "yuv422") and int(msg.width) % 2:
+        raise ImageConversionError(
+            f"{encoding} needs an even width (two pixels share U and V); got width {msg.width}"
+        )
+    _, height, width = _rows(msg, _BYTES_PER_PIXEL[encoding], encoding)
+    return height, width
+
+
 def image_msg_to_rgb(msg: Any) -> np.ndarray:
     """Convert a sensor_msgs/Image (or any object with its fields) to a new (H, W, 3) uint8 RGB.
 
@@ -178,13 +193,9 @@ def image_msg_to_rgb(msg: Any) -> np.ndarray:
     aliases 8UC1, 16UC1, 8UC3 (= bgr8) and 8UC4 (= bgra8). Row padding beyond
     ``width * bytes_per_pixel`` is cropped. Raises ImageConversionError for anything else.
     """
+    check_image_msg(msg)
     encoding = canonical_encoding(str(msg.encoding))
-    bpp = _BYTES_PER_PIXEL[encoding]
-    if encoding in ("yuv422_yuy2", "yuv422") and int(msg.width) % 2:
-        raise ImageConversionError(
-            f"{encoding} needs an even width (two pixels share U and V); got width {msg.width}"
-        )
-    rows, height, width = _rows(msg, bpp, encoding)
+    rows, height, width = _rows(msg, _BYTES_PER_PIXEL[encoding], encoding)
     if encoding == "rgb8":
         return np.array(rows.reshape(height, width, 3), order="C")
     if encoding == "bgr8":
@@ -234,6 +245,28 @@ def compressed_format(fmt: str, data: Any = b"") -> str:
     raise ImageConversionError(
         f"unsupported compressed format {fmt!r}; supported: {', '.join(COMPRESSED_FORMATS)}"
     )
+
+
+def check_compressed_msg(msg: Any) -> tuple[int, int]:
+    """(height, width) of a sensor_msgs/CompressedImage, from its format and the JPEG/PNG
+    header alone (no pixel decoded: ~0.1 ms whatever the image size). Raises
+    ImageConversionError for an unknown format, no data, or a header that does not parse; the
+    pixels are checked only when compressed_msg_to_rgb decodes them."""
+    kind = compressed_format(str(msg.format), msg.data)
+    buf = _as_uint8_buffer(msg.data)
+    if buf.size == 0:
+        raise ImageConversionError(f"compressed image ({kind}) has no data")
+    try:
+        with PILImage.open(io.BytesIO(memoryview(buf)),
+                           formats=["JPEG" if kind == "jpeg" else "PNG"]) as img:
+            width, height = img.size
+    except UnidentifiedImageError as exc:
+        raise ImageConversionError(f"corrupt {kind} data: not a valid {kind} image") from exc
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise ImageConversionError(f"corrupt {kind} data: {exc}") from exc
+    if width <= 0 or height <= 0:
+        raise ImageConversionError(f"{kind} header gives an empty image ({width}x{height})")
+    return height, width
 
 
 def compressed_msg_to_rgb(msg: Any) -> np.ndarray:
