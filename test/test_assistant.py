@@ -831,9 +831,10 @@ def test_stats_shape_and_content(make: Callable[..., Harness]) -> None:
         assert h.ask(stamp_ns=0, max_new_tokens=2, session_id="s").success
     h.refused(QueryRequest("Hi?", camera="nope"))
     s = h.core.stats()
-    assert set(s) == {"model_loaded", "loading", "active", "model_id", "builtin_toy",
+    assert set(s) == {"model_loaded", "loading", "active", "model_id", "backend", "builtin_toy",
                       "queue_depth", "running", "cameras", "latency", "sessions", "cache_entries",
                       "prefix_cache", "answers", "errors"}
+    assert {"backend", "precision", "device"} <= set(s["backend"])
     assert set(s["prefix_cache"]) == {"entries", "mb", "budget_mb", "restores"}
     assert s["prefix_cache"]["budget_mb"] == 512.0  # the parameter's default, applied per job
     assert s["model_loaded"] and s["active"] and s["builtin_toy"] and not s["loading"]
