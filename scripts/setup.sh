@@ -4,19 +4,29 @@
 # and this package installed into it (`pip install .`: generates the msg/srv/action code).
 #
 # For x86_64 Debian/Ubuntu with Python 3.10-3.12 and no ROS installed. Idempotent: a rerun skips
-# what is already there (requirements are reinstalled only when requirements/ci.txt changes) and
-# always reinstalls the package itself, incrementally (build/<wheel tag>/ keeps the CMake build).
+# what is already there (requirements are reinstalled only when the requirements file changes)
+# and always reinstalls the package itself, incrementally (build/<wheel tag>/ keeps the CMake
+# build, so a cp310 and a cp311 venv of the same checkout do not share one).
 #
 # Environment:
-#   LLAVA_PHI_VENV      venv location (default: <repo>/.venv)
-#   LLAVA_PHI_PYTHON    interpreter to create the venv with (default: python3.11, else python3)
-#   TORCH_INDEX_URL     extra pip index for torch (e.g. https://download.pytorch.org/whl/cpu);
-#                       without it pip's configured indexes are used.
+#   LLAVA_PHI_VENV          venv location (default: <repo>/.venv)
+#   LLAVA_PHI_PYTHON        interpreter to create the venv with (default: python3.11, else python3)
+#   LLAVA_PHI_REQUIREMENTS  pinned requirements file (default: <repo>/requirements/ci.txt, Python
+#                           3.11 + Kilted; scripts/test.sh's second job passes
+#                           requirements/jazzy-py310.txt with a Python 3.10 interpreter). It must
+#                           pin torch and hold the build requirements (rosidl, ament, ...): the
+#                           package is built without isolation, from this venv.
+#   TORCH_INDEX_URL         extra pip index for torch (e.g. https://download.pytorch.org/whl/cpu);
+#                           without it pip's configured indexes are used.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LLAVA_PHI_VENV:-$ROOT/.venv}"
-REQS="$ROOT/requirements/ci.txt"
+REQS="${LLAVA_PHI_REQUIREMENTS:-$ROOT/requirements/ci.txt}"
+# A relative path is taken from the current directory, else from the repository root.
+[ -f "$REQS" ] || [ ! -f "$ROOT/$REQS" ] || REQS="$ROOT/$REQS"
+[ -f "$REQS" ] || { echo "[setup] ERROR: requirements file $REQS not found" >&2; exit 1; }
+REQS="$(cd "$(dirname "$REQS")" && pwd)/$(basename "$REQS")"
 STAMP="$VENV/.llava_phi_ros-requirements.sha256"
 START=$SECONDS
 
@@ -89,13 +99,13 @@ else
     # torch alone and pinned, so that no other requirement can pull a multi-GB CUDA build.
     log "pip install $torch_pin"
     "${PIP[@]}" install -q "${torch_args[@]}" "$torch_pin"
-    log "pip install -r requirements/$(basename "$REQS")"
+    log "pip install -r ${REQS#"$ROOT"/}"
     "${PIP[@]}" install -q -r "$REQS"
     echo "$want" > "$STAMP"
 fi
 
 # --- 4. This package (always: the source may have changed) -------------------------------------
-# The build requirements are in the venv (requirements/ci.txt), so build without isolation and
+# The build requirements are in the venv (the requirements file), so build without isolation and
 # keep the CMake build dir: a rerun takes seconds instead of ~30 s. A stale or foreign build dir
 # (moved checkout, other interpreter) is removed and the build retried once.
 install_pkg() {
@@ -104,8 +114,10 @@ install_pkg() {
 }
 log "pip install . (no deps, no build isolation, build dir build/<wheel tag>)"
 if ! install_pkg; then
-    log "retrying with a clean build directory"
-    rm -rf "$ROOT"/build/cp3*
+    # Only this interpreter's build dir (build/cpXY-cpXY-<platform>): another venv's stays.
+    tag="$("$VENV/bin/python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    log "retrying with a clean build directory (build/$tag-*)"
+    rm -rf "$ROOT"/build/"$tag"-*
     install_pkg
 fi
 log "done: $("$VENV/bin/python" -c 'import sys; print(sys.prefix)')"

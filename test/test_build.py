@@ -245,7 +245,9 @@ def _colcon_ignore(directory: str, names: list[str]) -> set[str]:
     """What not to copy into the workspace: venvs, build outputs, engines and caches."""
     skipped = set(_ANYWHERE_SKIP(directory, names))
     if Path(directory).resolve() == REPO:
+        # .venv-* too: scripts/test.sh's Jazzy job keeps its venv (5 GB) in .venv-jazzy.
         skipped |= _TOP_LEVEL_SKIP.intersection(names)
+        skipped |= {name for name in names if name.startswith(".venv")}
     return skipped
 
 

@@ -153,6 +153,8 @@ def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
                                        f"(H, W, 4) RGBA, got shape {image.shape}")
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
+        if image.size == 0:  # Pillow < 10.2: fromarray raises "tile cannot extend outside image"
+            raise ImagePreprocessError(f"image is empty: {image.shape[1]}x{image.shape[0]}")
         image = Image.fromarray(np.ascontiguousarray(image))
     elif not isinstance(image, Image.Image):
         raise ImagePreprocessError(f"image must be a PIL image or a numpy array, got "
