@@ -179,3 +179,19 @@ def test_scoring_reports_the_untouched_prompt_prefix(backend, image):
     scores = score_choices(backend, PROMPT, [PROMPT + [60], PROMPT[:-1] + [50, 60]],
                            backend.config.num_image_tokens)
     assert scores.intact_prompt_ids == len(PROMPT) - 2  # the re-split rewound one more id
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e300])
+@pytest.mark.parametrize("top_p", [1.0, 0.5, 1e-300])
+def test_extreme_sampling_values_still_pick_a_token(temperature, top_p):
+    """Found by the hypothesis suite: a temperature below fp32's range became 0 (0/0 = NaN) and
+    a tiny one overflowed logits / T; a tiny top_p kept no token. Now: a tiny temperature or
+    top_p gives the argmax, a huge temperature a uniform pick."""
+    from llava_phi_ros.model.generation import choose_token
+
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    token = int(choose_token(logits, GenerationConfig(temperature=temperature, top_p=top_p),
+                             torch.Generator().manual_seed(0)))
+    assert 0 <= token < 64
+    if temperature < 1e-30:
+        assert token == int(logits.argmax())

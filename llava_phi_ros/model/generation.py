@@ -137,11 +137,16 @@ def choose_token(logits: torch.Tensor, cfg: GenerationConfig,
     logits: (V,) fp32; returns a 0-d long tensor (not read on the host here)."""
     if cfg.temperature == 0:
         return torch.argmax(logits)
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    # softmax(logits / T), shifted first so the best logit is 0, and T at least the smallest
+    # normal number of the logits' dtype (a Python float below it becomes 0 in fp32): a tiny T
+    # (say 1e-300) then gives the one-hot argmax instead of inf / inf or 0 / 0 = NaN.
+    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of better tokens
-        sorted_probs = torch.where(before < cfg.top_p, sorted_probs, 0.0)
+        top_p = max(cfg.top_p, torch.finfo(probs.dtype).tiny)  # the best token always stays
+        sorted_probs = torch.where(before < top_p, sorted_probs, 0.0)
         pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return order[pick[0]]
     return torch.multinomial(probs, 1, generator=generator)[0]
