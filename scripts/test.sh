@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the tests of both CI jobs, one after the other, each in its own venv:
-#   kilted  Python 3.11 + ROS 2 Kilted wheels (requirements/ci.txt) in .venv: the main job
+#   kilted  Python 3.11 + ROS 2 Kilted wheels (requirements/ci.txt) in .venv, the demo's venv
 #   jazzy   Python 3.10 + ROS 2 Jazzy wheels (rclpy 7.1) with the oldest numpy and Pillow the
 #           pins accept (requirements/jazzy-py310.txt) in .venv-jazzy: Humble-era Python and an
 #           older rclpy
@@ -16,7 +16,7 @@
 #   LLAVA_PHI_JAZZY_PYTHON  a Python 3.10 for it (default: python3.10 on PATH, else pyenv's
 #                           newest 3.10.x, else apt's python3.10 where apt has one, e.g. Ubuntu
 #                           22.04; Debian 12 has none: install one with pyenv, or set
-#                           LLAVA_PHI_TEST_JOBS=kilted)
+#                           LLAVA_PHI_TEST_JOBS=kilted to run only the Kilted job)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,7 +67,7 @@ if [[ " $JOBS " == *" jazzy "* ]]; then
     PY310="$(find_python310)" || die "the jazzy job needs Python 3.10 and none was found (tried \
 LLAVA_PHI_JAZZY_PYTHON, python3.10 on PATH, pyenv's versions/3.10.*, apt): install one (pyenv \
 install 3.10; Ubuntu 22.04: apt install python3.10-venv) and set LLAVA_PHI_JAZZY_PYTHON, or run \
-only the main job with LLAVA_PHI_TEST_JOBS=kilted"
+only the Kilted job with LLAVA_PHI_TEST_JOBS=kilted"
 fi
 
 summary=()
