@@ -61,13 +61,14 @@ def question(client: int, i: int) -> str:
     return f"Client {client}, question {i % QUESTIONS}: what is there?"
 
 
-def start_node(pending: int) -> subprocess.Popen:
+def start_node(pending: int, params: list[str] = ()) -> subprocess.Popen:
     """The node's own main() (test/slow_node.py without delays), random toy model."""
+    extra = [arg for param in params for arg in ("-p", param)]
     return subprocess.Popen(
         [sys.executable, str(REPO / "test" / "slow_node.py"), "0", "--ros-args",
          "-r", f"__ns:=/{NS}", "-p", "model_path:=builtin:random-tiny",
          "-p", "max_image_age_s:=0.0", "-p", f"max_pending_queries:={pending}",
-         "-p", "query_timeout_s:=60.0", "--log-level", "warn"],
+         "-p", "query_timeout_s:=60.0", *extra, "--log-level", "warn"],
         env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -149,7 +150,7 @@ def percentile(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rgb = np.random.default_rng(7).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
     clients = args.clients if args.mode == "load" else 1
-    proc = start_node(pending=max(clients, 4))
+    proc = start_node(pending=max(clients, 4), params=args.param)
     rclpy.init()
     node = rclpy.create_node("load_planners")
     executor = MultiThreadedExecutor(num_threads=4)
@@ -233,6 +234,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=None,
                         help="per client (load: 50; soak: 10000 in all, one client)")
     parser.add_argument("--rate-hz", type=float, default=10.0, help="soak: queries per second")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="another node parameter (repeatable), e.g. prefix_cache_mb:=0")
     args = parser.parse_args()
     args.queries = args.queries or (50 if args.mode == "load" else 10000)
     print(json.dumps(run(args)), flush=True)
