@@ -35,6 +35,16 @@ class SteadyClock:
         self.t += seconds
 
 
+# Arrays that are not usable images, and a word of what image_problem says about each.
+BAD_IMAGES = [
+    (np.zeros((0, 8, 3), np.uint8), "empty"),
+    (np.zeros((8, 8), np.uint8), "shape"),
+    (np.zeros((8, 8, 4), np.uint8), "shape"),
+    (np.zeros((8, 8, 3), np.uint16), "dtype"),
+    ([[1, 2, 3]], "not a numpy array"),
+]
+
+
 def image(seed: int, h: int = 32, w: int = 40) -> np.ndarray:
     """A random (H, W, 3) uint8 RGB image."""
     return (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)

@@ -29,6 +29,7 @@ from llava_phi_ros.model.generation import GenerationConfig
 from llava_phi_ros.model.prompt import IMAGE_TOKEN_INDEX, MAX_QUESTION_CHARS
 from llava_phi_ros.pipeline import VisionLanguageModel
 
+from .core_helpers import BAD_IMAGES, frame, image
 from .doubles import SharedModel, SlowModel
 
 WAIT = 30.0  # generous bound on every wait: a hang fails, a slow machine does not
@@ -84,19 +85,6 @@ class SpyModel:
         if "explode" in question:
             raise RuntimeError("simulated backend failure")
         return self._model.ask(image, question, history, **kwargs)
-
-
-def image(seed: int, h: int = 32, w: int = 40) -> np.ndarray:
-    """A random (H, W, 3) uint8 RGB image."""
-    return (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-
-
-def frame(stamp_ns: int, seed: int = 0, camera: str = "camera", received_ns: int | None = None,
-          img: np.ndarray | None = None) -> Frame:
-    """A camera frame whose opaque header names its stamp."""
-    return Frame(camera=camera, stamp_ns=stamp_ns, frame_id=f"{camera}_optical",
-                 image=image(seed) if img is None else img, header=("header", camera, stamp_ns),
-                 received_ns=stamp_ns if received_ns is None else received_ns)
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +269,7 @@ def test_max_image_age_zero_means_no_limit(make: Callable[..., Harness]) -> None
     assert h.ask(max_new_tokens=2).success
 
 
-@pytest.mark.parametrize("img, fragment", [
-    (np.zeros((0, 8, 3), np.uint8), "empty"),
-    (np.zeros((8, 8), np.uint8), "shape"),
-    (np.zeros((8, 8, 4), np.uint8), "shape"),
-    (np.zeros((8, 8, 3), np.uint16), "dtype"),
-    ([[1, 2, 3]], "not a numpy array"),
-])
+@pytest.mark.parametrize("img, fragment", BAD_IMAGES)
 def test_bad_inline_image(make: Callable[..., Harness], img: Any, fragment: str) -> None:
     h = make()
     inline = Frame(camera="", stamp_ns=1, frame_id="x", image=img)

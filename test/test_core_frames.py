@@ -10,7 +10,7 @@ import pytest
 
 from llava_phi_ros.core.frames import Cameras, Frame, FrameBuffer, FrameRefused, image_problem
 
-from .core_helpers import T0_NS, WAIT, frame, image
+from .core_helpers import BAD_IMAGES, T0_NS, WAIT, frame, image
 
 
 # ----- Frame and image_problem -------------------------------------------------------------------
@@ -23,13 +23,7 @@ def test_frame_identity_size_and_problem() -> None:
     assert f != frame(T0_NS, camera="front")  # frames compare by identity, not by content
 
 
-@pytest.mark.parametrize("img, fragment", [
-    (np.zeros((0, 8, 3), np.uint8), "empty"),
-    (np.zeros((8, 8), np.uint8), "shape"),
-    (np.zeros((8, 8, 4), np.uint8), "shape"),
-    (np.zeros((8, 8, 3), np.uint16), "dtype"),
-    ([[1, 2, 3]], "not a numpy array"),
-])
+@pytest.mark.parametrize("img, fragment", BAD_IMAGES)
 def test_image_problem_names_what_is_wrong(img: object, fragment: str) -> None:
     assert fragment in image_problem(img)
 
