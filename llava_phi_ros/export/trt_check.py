@@ -68,7 +68,8 @@ def check_graph(model: onnx.ModelProto) -> list[str]:
     problems = _check_header(model)
     graph = onnx.shape_inference.infer_shapes(model).graph
     types = _value_types(graph)
-    constants = {i.name for i in graph.initializer} | {
+    initializers = {t.name: t for t in graph.initializer}
+    constants = set(initializers) | {
         o for n in graph.node if n.op_type == "Constant" for o in n.output}
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for node in graph.node:
@@ -94,7 +95,7 @@ def check_graph(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "LayerNormalization" and any(o in used for o in node.output[1:]):
             problems.append(f"{where}: Mean/InvStdDev used ({entry['restrictions']})")
         if node.op_type == "DequantizeLinear":
-            problems += _check_dequantize(where, node, graph)
+            problems += _check_dequantize(where, node, initializers)
     for output in graph.output:
         if types.get(output.name) not in ("FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"):
             problems.append(f"graph output {output.name!r} is {types.get(output.name)}")
@@ -147,11 +148,12 @@ def _type_name(elem_type: int) -> str:
     return TYPE_NAMES.get(elem_type, TensorProto.DataType.Name(elem_type))
 
 
-def _check_dequantize(where: str, node: onnx.NodeProto, graph: onnx.GraphProto) -> list[str]:
+def _check_dequantize(where: str, node: onnx.NodeProto,
+                      initializers: dict[str, onnx.TensorProto]) -> list[str]:
     """DequantizeLinear: a zero point, when given, is an all-zero initializer."""
     if len(node.input) < 3 or not node.input[2]:
         return []
-    init = {t.name: t for t in graph.initializer}.get(node.input[2])
+    init = initializers.get(node.input[2])
     if init is None:
         return [f"{where}: zero point {node.input[2]!r} is not an initializer"]
     if init.data_location == TensorProto.EXTERNAL or any(onnx.numpy_helper.to_array(init)):
