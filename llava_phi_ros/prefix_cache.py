@@ -3,12 +3,16 @@
 The backend's working KV cache holds one sequence (the "live" one). When a request would
 overwrite the live sequence's image, its KV is first copied into a snapshot kept here, keyed by
 the image; a later question about that image restores it and prefills only its own tokens.
-Snapshots live within a byte budget, least recently used evicted. Backend-agnostic: it only
-calls `snapshot(n)` / `restore(snapshot, n)`. Not thread-safe: one model, one worker thread.
+Snapshots live within a byte budget, least recently used evicted. An entry holds its image
+weakly: once nobody else holds that EncodedImage (the node's feature cache evicted the frame, a
+CLI call returned), no request can ever name it again, so its snapshot is dropped at the next
+request instead of sitting in the budget as dead weight. Backend-agnostic: it only calls
+`snapshot(n)` / `restore(snapshot, n)`. Not thread-safe: one model, one worker thread.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +28,12 @@ _MIB = 1024 * 1024
 @dataclass
 class _Entry:
     ids: list[int]  # the ids whose KV the snapshot holds (image placeholder included)
-    image: Any  # the EncodedImage spliced in at the placeholder (identity matters)
+    image: weakref.ref  # the EncodedImage spliced in at the placeholder (identity matters)
     snapshot: KVSnapshot
+
+    def holds(self, image: Any) -> bool:
+        """Whether this entry is this very image's (not one that died and left its id)."""
+        return self.image() is image
 
 
 def reusable_ids(cached_ids: Sequence[int], cached_image: Any, ids: Sequence[int],
@@ -57,9 +65,12 @@ class PrefixCache:
     def prepare(self, backend: Backend, ids: Sequence[int], image: Any) -> int:
         """Make the backend's KV cache hold the longest reusable prefix of ids; returns how many
         ids it covers. Until `finished()` the live sequence counts as lost."""
+        self._drop_unreachable()
         keep = reusable_ids(self._live_ids, self._live_image, ids, image)
         entry = self._entries.get(id(image))
-        from_entry = 0 if entry is None else reusable_ids(entry.ids, entry.image, ids, image)
+        if entry is not None and not entry.holds(image):
+            entry = None
+        from_entry = 0 if entry is None else reusable_ids(entry.ids, image, ids, image)
         restoring = entry is not None and from_entry > keep
         if self._image_would_be_lost(0 if restoring else keep) and not (
                 restoring and self._live_image is image):  # same image: its entry covers it
@@ -76,6 +87,7 @@ class PrefixCache:
     def finished(self, ids: Sequence[int], image: Any) -> None:
         """The KV cache now holds ids (the image spliced at its placeholder)."""
         self._live_ids, self._live_image = list(ids), image
+        self._drop_unreachable()  # the previous live image may have had no other holder
 
     def _image_would_be_lost(self, keep: int) -> bool:
         """Whether prefilling from `keep` overwrites the live sequence's image."""
@@ -88,7 +100,8 @@ class PrefixCache:
         n = expanded_length(self._live_ids, self.num_image_tokens)
         key = id(self._live_image)
         old = self._entries.get(key)
-        if old is not None and old.ids[:len(self._live_ids)] == self._live_ids:
+        if (old is not None and old.holds(self._live_image)
+                and old.ids[:len(self._live_ids)] == self._live_ids):
             self._entries.move_to_end(key)  # it already holds all of this
             return
         self._drop(key)
@@ -97,7 +110,7 @@ class PrefixCache:
         snapshot = backend.snapshot(n)
         if snapshot.nbytes > self.budget_bytes:
             return  # one frame's prefix alone exceeds the budget
-        self._entries[key] = _Entry(self._live_ids, self._live_image, snapshot)
+        self._entries[key] = _Entry(self._live_ids, weakref.ref(self._live_image), snapshot)
         self.nbytes += snapshot.nbytes
         self._evict()
 
@@ -105,6 +118,11 @@ class PrefixCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= entry.snapshot.nbytes
+
+    def _drop_unreachable(self) -> None:
+        """Drop the entries whose image nobody holds any more (no request can name it)."""
+        for key in [key for key, entry in self._entries.items() if entry.image() is None]:
+            self._drop(key)
 
     def set_budget(self, budget_bytes: int) -> None:
         """A new byte budget (live: evicts at once)."""

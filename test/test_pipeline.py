@@ -128,6 +128,21 @@ def test_the_budget_bounds_the_kept_prefixes():
     assert vlm.prefix_cache_stats()["entries"] == 0
 
 
+
+def test_a_prefix_whose_image_nobody_holds_is_dropped():
+    """Images the caller let go (the node's feature cache evicted the frame) can never be asked
+    about again, so their prefixes must not sit in the budget: entries stay at what is held."""
+    vlm = VisionLanguageModel.load("builtin:random-tiny")
+    held = vlm.encode_image(frame(30))
+    vlm.ask(held, "What is there?", generation=GEN)
+    for seed in range(31, 41):  # ten frames asked about once and let go
+        vlm.ask(vlm.encode_image(frame(seed)), "What is there?", generation=GEN)
+    stats = vlm.prefix_cache_stats()
+    assert stats["entries"] == 1  # held's; the others died with their images (the live one aside)
+    again = vlm.ask(held, "What is there?", generation=GEN)
+    assert again.reused_prefix_tokens > vlm.num_image_tokens
+    assert_same(again, fresh("What is there?", frame(30)))
+
 def test_closed_model_refuses_and_close_is_idempotent():
     vlm = VisionLanguageModel.load("builtin:random-tiny")
     encoded = vlm.encode_image(frame(0))
