@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .backends import BACKENDS, DTYPE_NAMES, EXPORT_DTYPES
+from .export.quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, WEIGHT_FORMATS
 from .model.builtin import BUILTIN_TINY, BUILTIN_WARNINGS
 from .model.generation import GenerationConfig
 
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-context", type=int, default=None,
                         help="KV cache length the decoder graph is built for (default: the "
                              "model's max_position_embeddings)")
+    export.add_argument("--weights", default="float", choices=WEIGHT_FORMATS,
+                        help="float: every weight in --dtype; int8 / int4: the decoder's linear "
+                             "weights quantised (int8 per output channel, int4 in blocks of "
+                             "128), dequantized in the graph (default: float)")
+    export.add_argument("--accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL,
+                        choices=ACCURACY_LEVELS,
+                        help="onnxruntime's MatMulNBits accuracy for int8/int4 weights: 1 = fp32 "
+                             "activations, 4 = int8 activations (faster; default 4)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from .training.evaluate import add_eval_arguments
@@ -220,15 +229,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         meta = load_metadata(args.model)
         settings = (meta.tokenizer, meta.preprocess, args.out, args.dtype, args.max_context,
-                    args.overwrite, args.model)
+                    args.overwrite, args.model, args.weights, args.accuracy_level)
         if meta.build_weights is not None:  # a built-in random model
             manifest = export_model(meta.build_weights(), *settings)
         else:  # a checkpoint: streamed, one tensor in memory at a time
             manifest = export_checkpoint(meta.weights_dir, *settings)
     except (ValueError, OSError, RuntimeError) as exc:
         raise CliError(f"cannot export {args.model!r}: {exc}") from exc
-    print(f"wrote {args.out}: {', '.join(manifest['files'])} ({manifest['dtype']}, max_context "
-          f"{manifest['max_context']}, opset {manifest['opset']}, source sha256 "
+    print(f"wrote {args.out}: {', '.join(manifest['files'])} ({manifest['dtype']}, weights "
+          f"{manifest['weights']}, max_context {manifest['max_context']}, opset "
+          f"{manifest['opset']['decoder']}, source sha256 "
           f"{manifest['source_sha256'][:12]})")
     check = manifest["tensorrt_10_3_check"]
     for problem in check["problems"]:

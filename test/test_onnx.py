@@ -107,7 +107,8 @@ def test_builtin_tiny_exported_answers_like_torch(tmp_path):
 
 def test_export_is_self_contained_and_refuses_what_it_cannot_serve(random_export):
     manifest = read_manifest(random_export)
-    assert manifest["opset"] == 17 and manifest["dtype"] == "float32"
+    assert manifest["opset"] == {"vision": 17, "decoder": 17} and manifest["dtype"] == "float32"
+    assert manifest["weights"] == "float"
     assert manifest["tensorrt_10_3_check"]["problems"] == []
     assert len(manifest["source_sha256"]) == 64
     with pytest.raises(ModelLoadError, match="exported as float32"):

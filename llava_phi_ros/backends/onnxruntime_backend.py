@@ -49,7 +49,8 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, metadata: ModelMetadata, export_dir: Path, device: str = "cpu",
                  dtype: str | None = None, max_context: int | None = None,
-                 optimization: str = "all"):
+                 optimization: str = "all", accuracy_level: int | None = None):
+        """accuracy_level: MatMulNBits' (quantised weights), None = the export's manifest."""
         import onnxruntime as ort
 
         try:
@@ -69,6 +70,11 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         # No busy-waiting between runs: a robot's other nodes share these cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        weights = manifest.get("weights", "float")
+        if accuracy_level is None:
+            accuracy_level = manifest.get("onnxruntime", {}).get("matmul_accuracy_level", 4)
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                         str(accuracy_level))
         levels = ort.GraphOptimizationLevel
         options.graph_optimization_level = {
             "disabled": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
@@ -81,12 +87,14 @@ class OnnxRuntimeBackend(Backend):
         self.manifest = manifest
         manifest_bytes = (export_dir / MANIFEST_FILE).read_bytes()
         self._described = {
-            "backend": "onnxruntime", "precision": precision,
+            "backend": "onnxruntime", "precision": precision, "weights": weights,
+            "matmul_accuracy_level": str(accuracy_level),
             "device": ",".join(self.decoder.get_providers()), "export_dir": str(export_dir),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "source_sha256": manifest["source_sha256"], "onnxruntime": ort.__version__}
         self.max_context = int(manifest["max_context"])
         self.model_id = (f"{metadata.name}/onnxruntime/{precision}"
+                         f"{'' if weights == 'float' else '-' + weights}"
                          f"/{manifest['source_sha256'][:12]}")
         self.dtype = TORCH_DTYPES[precision]
         self.device = torch.device(device if device.startswith("cuda") else "cpu")

@@ -45,6 +45,7 @@ from .graphs import (
     new_names,
     past_names,
 )
+from .quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, WEIGHT_FORMATS
 from .trt_check import check_export
 from .weights import WeightWriter, placeholder_model, source_hash, tensor_digest
 
@@ -60,30 +61,42 @@ EXPORT_FORMAT = 2  # bumped when the graphs' inputs or outputs change
 def export_model(model: LlavaPhiForCausalLM, tokenizer: Tokenizer,
                  preprocess: ImagePreprocessConfig, out_dir: str | Path,
                  dtype: str = "float32", max_context: int | None = None,
-                 overwrite: bool = False, source: str = "") -> dict[str, Any]:
+                 overwrite: bool = False, source: str = "", weights: str = "float",
+                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
     """A model in memory -> the export directory; returns its manifest."""
     return export_weights(model.config, model.state_dict(), tokenizer, preprocess, out_dir,
-                          dtype, max_context, overwrite, source)
+                          dtype, max_context, overwrite, source, weights, accuracy_level)
 
 
 def export_checkpoint(model_dir: str | Path, tokenizer: Tokenizer,
                       preprocess: ImagePreprocessConfig, out_dir: str | Path,
                       dtype: str = "float32", max_context: int | None = None,
-                      overwrite: bool = False, source: str = "") -> dict[str, Any]:
+                      overwrite: bool = False, source: str = "", weights: str = "float",
+                      accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
     """A checkpoint directory -> the export directory, one tensor in memory at a time."""
     with stream_checkpoint(model_dir) as (cfg, state):
         return export_weights(cfg, state, tokenizer, preprocess, out_dir, dtype, max_context,
-                              overwrite, source)
+                              overwrite, source, weights, accuracy_level)
 
 
 def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
                    tokenizer: Tokenizer, preprocess: ImagePreprocessConfig,
                    out_dir: str | Path, dtype: str = "float32", max_context: int | None = None,
-                   overwrite: bool = False, source: str = "") -> dict[str, Any]:
+                   overwrite: bool = False, source: str = "", weights: str = "float",
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
     """Write the export directory (atomically) from a state dict read in its own order, one
-    tensor at a time (a lazy one is never held whole); returns the manifest."""
+    tensor at a time (a lazy one is never held whole); returns the manifest.
+
+    weights: "float" (all in dtype) or "int8" / "int4" (the decoder's linear weights
+    quantised, quantize.py); accuracy_level: how onnxruntime computes those (manifest only).
+    """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got "
+                         f"{accuracy_level!r}")
     context = max_context or cfg.text.max_position_embeddings
     if not 1 <= context <= cfg.text.max_position_embeddings:
         raise ValueError(f"max_context must be in 1..{cfg.text.max_position_embeddings}, "
@@ -94,8 +107,10 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
         _export_vision(vision, cfg, tmp / VISION_FILE)
         _export_decoder(decoder, cfg, context, tmp / DECODER_FILE)
         keys = set(state)
-        writers = [WeightWriter(tmp / name, keys, PARAMETER_PREFIX, dict(graph.named_buffers()))
-                   for name, graph in ((VISION_FILE, vision), (DECODER_FILE, decoder))]
+        writers = [WeightWriter(tmp / VISION_FILE, keys, PARAMETER_PREFIX,
+                                dict(vision.named_buffers())),
+                   WeightWriter(tmp / DECODER_FILE, keys, PARAMETER_PREFIX,
+                                dict(decoder.named_buffers()), weights)]
         del net, vision, decoder
         digests: dict[str, str] = {}
         for key in state:
@@ -114,7 +129,9 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
         _write_extras(tmp, tokenizer, preprocess)
         manifest = {
             "format": EXPORT_FORMAT, "source": source, "source_sha256": source_hash(digests),
-            "dtype": dtype, "max_context": context, "opset": OPSET,
+            "dtype": dtype, "weights": weights, "max_context": context,
+            "opset": {"vision": _opset(tmp / VISION_FILE), "decoder": _opset(tmp / DECODER_FILE)},
+            "onnxruntime": {"matmul_accuracy_level": accuracy_level},
             "exporter": f"torch.onnx.export(dynamo=False) torch {torch.__version__}, weights "
                         "as external data",
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
@@ -139,6 +156,12 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: export format {manifest.get('format')!r}, this build reads "
                          f"{EXPORT_FORMAT}; export again")
     return manifest
+
+
+def _opset(path: Path) -> int:
+    """The standard-domain opset a written graph imports."""
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> None:

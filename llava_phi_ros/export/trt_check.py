@@ -40,6 +40,10 @@ TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16",
 SHAPE_ONLY = frozenset({"Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze"})
 CACHE_READERS = frozenset({"MatMul"})
 CONSTANT_AXES = {"Unsqueeze": 1, "Squeeze": 1, "ReduceMean": 1}  # op -> index of its axes input
+# The table's types of DequantizeLinear are those of x (input 0); its scale is a float tensor
+# (TensorRT's IDequantizeLayer takes FP32, FP16 or BF16 scales).
+TABLE_TYPED_INPUTS = {"DequantizeLinear": 1}  # op -> how many leading inputs the table types
+SCALE_TYPES = ("FP32", "FP16", "BF16")
 
 
 @cache
@@ -81,13 +85,17 @@ def check_graph(model: onnx.ModelProto) -> list[str]:
         if entry is None or not entry["supported"]:
             problems.append(f"{where}: not supported by the TensorRT 10.3 parser")
             continue
-        for name in filter(None, node.input):
+        typed = TABLE_TYPED_INPUTS.get(node.op_type, len(node.input))
+        for j, name in enumerate(node.input):
+            allowed = entry["types"] if j < typed else SCALE_TYPES if j == 1 else None
             kind = types.get(name)
+            if not name or allowed is None:
+                continue
             if kind is None:
                 problems.append(f"{where}: input {name!r} has no inferred type")
-            elif kind not in entry["types"]:
+            elif kind not in allowed:
                 problems.append(f"{where}: input {name!r} is {kind}; TensorRT 10.3 takes "
-                                f"{', '.join(entry['types'])}")
+                                f"{', '.join(allowed)}")
         axes = CONSTANT_AXES.get(node.op_type)
         if axes is not None and len(node.input) > axes and node.input[axes] \
                 and node.input[axes] not in constants:

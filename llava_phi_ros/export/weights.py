@@ -8,7 +8,9 @@ graphs are exported with the parameters as graph inputs named by their state-dic
 (`export_params=False`), which `WeightWriter` then turns into initializers whose bytes live in
 `<graph>.data` beside the graph (ONNX external data: no 2 GB protobuf limit, and a runtime can
 map the file). A weight used only through a `Transpose` (nn.Linear's MatMul(x, W^T)) is stored
-transposed and the Transpose dropped, which constant folding would otherwise do at load.
+transposed and the Transpose dropped, which constant folding would otherwise do at load. Under
+`--weights int8|int4` the decoder's linear weights are stored as integers and scales instead,
+each dequantized by a DequantizeLinear node (quantize.py).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 import torch
+from onnx import version_converter
 
 from ..model.config import LlavaPhiConfig
 from ..model.llava_phi import LlavaPhiForCausalLM
+from .quantize import INT4_OPSET, is_quantized, pack_int4, quantize
 
 _DISTINCT = 1024  # values 1 + k/1024, k < 1024: distinct in fp16 and fp32
 _ALIGN = 64  # byte alignment of each tensor in a data file (lets a runtime map it)
@@ -71,13 +75,16 @@ class WeightWriter:
 
     The graph's inputs named `prefix + key` for a key of the state dict are its weights; those
     named in `constants` (the wrappers' own buffers: rotary tables) are written at once. Each
-    tensor is stored in the dtype the graph declares for it, and named by its state-dict key.
+    tensor is stored in the dtype the graph declares for it, and named by its state-dict key; the
+    keys `weights` quantises are stored as `<key>.quantized` + `<key>.scale` and dequantized
+    in the graph into `<key>`.
     """
 
     def __init__(self, graph_path: Path, state_keys: set[str], prefix: str,
-                 constants: Mapping[str, torch.Tensor]):
+                 constants: Mapping[str, torch.Tensor], weights: str = "float"):
         self.path = graph_path
         self.data_name = graph_path.name + ".data"
+        self.weights = weights
         self.model = onnx.load(str(graph_path))
         graph = self.model.graph
         declared = {i.name: i.type.tensor_type.elem_type for i in graph.input}
@@ -94,6 +101,14 @@ class WeightWriter:
         self._transposed = {n for n, nodes in consumers.items() if nodes and all(
             node.op_type == "Transpose" and _perm(node) == [1, 0] for node in nodes)}
         self._folded = [node for n in self._transposed for node in consumers[n]]
+        self._quantized = {n for n, key in self.names.items() if is_quantized(key, weights)}
+        if self._quantized - self._transposed:
+            raise RuntimeError(f"{graph_path.name}: not stored as [in, out], cannot quantise: "
+                               f"{', '.join(sorted(self._quantized - self._transposed))}")
+        self._dequantize: list[onnx.NodeProto] = []
+        if self._quantized and weights == "int4":  # INT4 and block_size: opset 21, IR 10
+            self.model = version_converter.convert_version(self.model, INT4_OPSET)
+            self.model.ir_version = 10
         self._file: BinaryIO = open(graph_path.parent / self.data_name, "wb")  # noqa: SIM115
         self._initializers: dict[str, onnx.TensorProto] = {}
         for name in constants:
@@ -105,22 +120,39 @@ class WeightWriter:
         value = tensor.detach().cpu()
         if input_name in self._transposed:
             value = value.t()
-        array = np.ascontiguousarray(value.numpy(), dtype=self._dtypes[input_name])
+        name, dtype = self.names[input_name], self._dtypes[input_name]
+        if input_name not in self._quantized:
+            array = np.ascontiguousarray(value.numpy(), dtype=dtype)
+            self._initializers[input_name] = self._append(name, array)
+            return
+        q = quantize(name, value.float().numpy(), self.weights, dtype)
+        int4 = self.weights == "int4"
+        values = self._append(f"{name}.quantized", q.values, pack_int4(q.values) if int4 else None,
+                              onnx.TensorProto.INT4 if int4 else None)
+        self._initializers[input_name] = values
+        self._initializers[input_name + ".scale"] = self._append(f"{name}.scale", q.scale)
+        self._dequantize.append(onnx.helper.make_node(
+            "DequantizeLinear", [values.name, f"{name}.scale"], [name],
+            name=f"{name}.dequantize", **q.attributes))
+
+    def _append(self, name: str, array: np.ndarray, raw: bytes | None = None,
+                data_type: int | None = None) -> onnx.TensorProto:
+        """Write one tensor's bytes (raw when packed) into the data file; its initializer."""
+        data = raw if raw is not None else memoryview(np.ascontiguousarray(array)).cast("B")
         self._file.write(b"\0" * (-self._file.tell() % _ALIGN))
         offset = self._file.tell()
-        self._file.write(memoryview(array).cast("B"))
-        name = self.names[input_name]
-        proto = onnx.TensorProto(name=name, dims=array.shape,
-                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                 data_location=onnx.TensorProto.EXTERNAL)
-        for k, v in (("location", self.data_name), ("offset", offset), ("length", array.nbytes)):
+        self._file.write(data)
+        proto = onnx.TensorProto(
+            name=name, dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
+            data_type=data_type or onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        for k, v in (("location", self.data_name), ("offset", offset), ("length", len(data))):
             proto.external_data.add(key=k, value=str(v))
-        self._initializers[input_name] = proto
+        return proto
 
     def finish(self) -> None:
         """Rewrite the graph: initializers in, weight inputs out, folded Transposes gone."""
         self._file.close()
-        missing = sorted(n for n in self.names if n not in self._initializers)
+        missing = sorted(n for n in self.names if n not in self._initializers)  # by input name
         if missing:
             raise RuntimeError(f"{self.path.name}: weights never written: {', '.join(missing)}")
         graph = self.model.graph
@@ -132,6 +164,8 @@ class WeightWriter:
             for j, name in enumerate(node.input):
                 if name in renamed:
                     node.input[j] = renamed[name]
+        for node in reversed(self._dequantize):  # first: they read only initializers
+            graph.node.insert(0, node)
         kept = [i for i in graph.input if i.name not in self.names]
         del graph.input[:]
         graph.input.extend(kept)
