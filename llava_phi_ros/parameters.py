@@ -117,7 +117,14 @@ PARAMETERS: tuple[Param, ...] = (
     Param("device", "cpu", "Device for the model: cpu, cuda, cuda:N.", RELOAD, rule=_device_name),
     Param("dtype", "auto", "Weights dtype; auto = float32 on CPU, float16 on a GPU.", RELOAD,
           choices=DTYPE_NAMES),
-    Param("engine_dir", "", "Directory of TensorRT engines (backend tensorrt).", RELOAD),
+    Param("engine_dir", "", "Directory of TensorRT engines (backend tensorrt): absolute; empty "
+          "= $ROS_HOME/llava_phi_ros/engines (~/.ros/... without ROS_HOME).", RELOAD),
+    Param("max_context", 0, "KV cache positions (prompt with image + answer); 0 = the model's "
+          "max_position_embeddings, or what an export or engine was built for (which must "
+          "match).", RELOAD, 0, 131072),
+    Param("max_prefill", 0, "Positions per prefill run of the TensorRT decoder engine (its "
+          "prefill profile; longer prompts run in chunks); 0 = min(1024, max_context). Must "
+          "match the engines' build (llava-phi build-engines --max-prefill).", RELOAD, 0, 131072),
     # --- generation defaults (a request may override them) ------------------------------------
     Param("max_new_tokens", 64, "Default answer length limit in tokens.", LIVE, 1, 8192),
     Param("temperature", 0.0, "Default sampling temperature; 0 = greedy.", LIVE, 0.0, 100.0),

@@ -6,7 +6,7 @@ ROS-free; the CLI and the ROS service core both sit on top of `VisionLanguageMod
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,19 +153,23 @@ class VisionLanguageModel:
     def load(cls, model_path: str, backend: str = "torch", device: str = "cpu",
              dtype: str | None = None, max_context: int | None = None,
              system_prompt: str | None = None,
-             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> VisionLanguageModel:
+             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+             backend_options: Mapping[str, Any] | None = None) -> VisionLanguageModel:
         """`builtin:tiny`, `builtin:random-tiny` or a checkpoint directory (either layout)."""
         return cls.from_metadata(load_metadata(model_path), backend, device, dtype, max_context,
-                                 system_prompt, prefix_cache_mb)
+                                 system_prompt, prefix_cache_mb, backend_options)
 
     @classmethod
     def from_metadata(cls, metadata: ModelMetadata, backend: str = "torch",
                       device: str = "cpu", dtype: str | None = None,
                       max_context: int | None = None, system_prompt: str | None = None,
-                      prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> VisionLanguageModel:
-        """The named backend (through the registry) on the metadata's model."""
+                      prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                      backend_options: Mapping[str, Any] | None = None) -> VisionLanguageModel:
+        """The named backend (through the registry) on the metadata's model; backend_options:
+        engine_dir, max_prefill (backends.BACKEND_OPTIONS)."""
         try:
-            runtime = create_backend(backend, metadata, device, dtype, max_context)
+            runtime = create_backend(backend, metadata, device, dtype, max_context,
+                                     backend_options)
         except BackendError as exc:
             raise ModelLoadError(str(exc)) from exc
         vlm = cls(runtime, metadata.tokenizer, metadata.preprocess, runtime.model_id,

@@ -8,7 +8,8 @@ module only when one is created.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..model.metadata import ModelMetadata
@@ -19,8 +20,11 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # auto: fp32 on CPU, f
 EXPORT_DTYPES = ("float32", "float16")  # what `llava-phi export` writes (onnxruntime runs)
 # name -> the module whose create(metadata, device, dtype, max_context) builds it
 _IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend",
-                    "onnxruntime": "llava_phi_ros.backends.onnxruntime_backend"}
-assert set(_IMPLEMENTATIONS) <= set(BACKENDS)
+                    "onnxruntime": "llava_phi_ros.backends.onnxruntime_backend",
+                    "tensorrt": "llava_phi_ros.backends.tensorrt_backend"}
+# The options only some backends take (node parameters of the same names); others ignore them.
+BACKEND_OPTIONS = {"tensorrt": ("engine_dir", "max_prefill")}
+assert set(_IMPLEMENTATIONS) <= set(BACKENDS) and set(BACKEND_OPTIONS) <= set(BACKENDS)
 
 
 def implemented_backends() -> tuple[str, ...]:
@@ -29,9 +33,11 @@ def implemented_backends() -> tuple[str, ...]:
 
 
 def create_backend(name: str, metadata: ModelMetadata, device: str = "cpu",
-                   dtype: str | None = None, max_context: int | None = None) -> Backend:
+                   dtype: str | None = None, max_context: int | None = None,
+                   options: Mapping[str, Any] | None = None) -> Backend:
     """The one way the CLI, the node and the bench make a backend; BackendError when the name
-    is unknown or not built yet, or the backend refuses the device or dtype."""
+    is unknown or not built yet, or the backend refuses the device or dtype. `options`: the
+    BACKEND_OPTIONS this backend takes (the rest are not its concern)."""
     from .base import BackendError
 
     if name not in BACKENDS:
@@ -40,4 +46,5 @@ def create_backend(name: str, metadata: ModelMetadata, device: str = "cpu",
         raise BackendError(f"backend {name!r} is not implemented yet (implemented: "
                            f"{', '.join(implemented_backends())})")
     module = importlib.import_module(_IMPLEMENTATIONS[name])
-    return module.create(metadata, device=device, dtype=dtype, max_context=max_context)
+    own = {k: v for k, v in (options or {}).items() if k in BACKEND_OPTIONS.get(name, ())}
+    return module.create(metadata, device=device, dtype=dtype, max_context=max_context, **own)

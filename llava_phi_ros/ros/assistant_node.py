@@ -71,8 +71,11 @@ def load_model_from_values(values: dict[str, Any]) -> Any:
     """The product's model loader: the model the parameters name."""
     from ..pipeline import VisionLanguageModel
 
-    return VisionLanguageModel.load(values["model_path"], backend=values["backend"],
-                                    device=values["device"], dtype=values["dtype"])
+    return VisionLanguageModel.load(
+        values["model_path"], backend=values["backend"], device=values["device"],
+        dtype=values["dtype"], max_context=values["max_context"] or None,
+        backend_options={"engine_dir": values["engine_dir"],
+                         "max_prefill": values["max_prefill"] or None})
 
 
 def descriptor(spec: parameters.Param) -> ParameterDescriptor:

@@ -192,8 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         latencies.append((time.monotonic() - start) * 1000.0)
                         if (answer.text, answer.tokens_generated) != alone[text]:
                             mismatches.append(text)
-                    if args.mode == "soak" and i == n // 10:
-                        samples.append(proc_stats(proc.pid))  # after warm-up
+                    if args.mode == "soak" and i % max(1, n // 10) == 0 and i:
+                        samples.append(proc_stats(proc.pid))  # the first: after warm-up
                 if period_s:
                     time.sleep(max(0.0, start + period_s - time.monotonic()))
 
@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             end = proc_stats(proc.pid)
             warm = samples[0]
             out |= {"after_warmup": warm, "end": end,
-                    "rss_growth": end["rss_bytes"] / warm["rss_bytes"] - 1.0}
+                    "rss_growth": end["rss_bytes"] / warm["rss_bytes"] - 1.0,
+                    "rss_mb_every_tenth": [round(s["rss_bytes"] / 2**20, 1) for s in samples]}
     finally:
         camera.stop.set()
         executor.shutdown()
