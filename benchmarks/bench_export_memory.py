@@ -8,7 +8,7 @@ checked as CI checks the small ones: `onnx.checker` by path and the TensorRT 10.
 (export/trt_check.py), and its files are listed.
 
     .venv/bin/python benchmarks/bench_export_memory.py [--layers 32] [--dtypes float16,float32]
-        [--dir /tmp] [--keep] [--json FILE]
+        [--weights float,int8,int4] [--dir /tmp] [--keep] [--json FILE]
 
 Disk: the checkpoint (6.2 GB) plus each export (6.2 GB fp16, 12.4 GB fp32), one export at a
 time. Prints a table; asserts nothing but that each export passes its checks.
@@ -43,10 +43,11 @@ def hwm():
 def maxrss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-src, out, dtype = sys.argv[1:4]
+src, out, dtype, weights = sys.argv[1:5]
 base, base_hwm = maxrss(), hwm()
 start = time.perf_counter()
-manifest = export_checkpoint(src, build_byte_tokenizer(), ImagePreprocessConfig(), out, dtype)
+manifest = export_checkpoint(src, build_byte_tokenizer(), ImagePreprocessConfig(), out, dtype,
+                             weights=weights)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_bytes": maxrss() - base,
                   "peak_hwm_bytes": hwm() - base_hwm, "manifest": manifest}))
@@ -63,7 +64,13 @@ out = Path(sys.argv[1])
 for name in ("vision.onnx", "decoder.onnx"):
     onnx.checker.check_model(str(out / name))
 report = check_export(out)
+split = {"quantized": 0, "float": 0}  # decoder.onnx.data: int8/int4 weights + scales, the rest
+for init in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.initializer:
+    length = int(next(e.value for e in init.external_data if e.key == "length"))
+    quantized = init.name.endswith((".quantized", ".scale"))
+    split["quantized" if quantized else "float"] += length
 print(json.dumps({"check_seconds": time.perf_counter() - start, "graph_check": report,
+                  "decoder_data_bytes": split,
                   "files": {f.name: f.stat().st_size for f in sorted(out.iterdir())}}))
 """
 
@@ -72,6 +79,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32, help="Phi layers (32 = LLaVA-Phi-3B)")
     parser.add_argument("--dtypes", default="float16,float32", help="export precisions")
+    parser.add_argument("--weights", default="float",
+                        help="weight formats, each exported in every dtype (float,int8,int4)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the files go")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and exports")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -89,13 +98,14 @@ def main() -> int:
         print(f"wrote the checkpoint: {written['parameters'] / 1e9:.3f} B parameters, "
               f"{written['weight_bytes'] / 2**30:.2f} GiB fp16", flush=True)
         os.sync()
-        for dtype in args.dtypes.split(","):
-            out = root / f"export-{dtype}"
-            m = _run(MEASURE, [str(root / "ckpt"), str(out), dtype], REPO)
-            m |= _run(CHECK, [str(out)], REPO) | {"dtype": dtype}
+        for dtype, weights in [(d, w) for d in args.dtypes.split(",")
+                               for w in args.weights.split(",")]:
+            out = root / f"export-{dtype}-{weights}"
+            m = _run(MEASURE, [str(root / "ckpt"), str(out), dtype, weights], REPO)
+            m |= _run(CHECK, [str(out)], REPO) | {"dtype": dtype, "weights": weights}
             m["export_bytes"] = sum(m["files"].values())
             results["cases"].append(m)
-            print(f"  exported {dtype} in {m['seconds']:.0f} s", flush=True)
+            print(f"  exported {dtype} {weights} in {m['seconds']:.0f} s", flush=True)
             if not args.keep:
                 shutil.rmtree(out)
     finally:
@@ -105,13 +115,15 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"\nexport_checkpoint, {args.layers} Phi layers, checkpoint fp16; {results['machine']}")
-    head = (f"{'dtype':<8} {'export GiB':>10} {'peak GiB':>9} {'VmHWM GiB':>9} "
-            f"{'export s':>8}  check")
+    head = (f"{'dtype':<8} {'weights':<7} {'export GiB':>10} {'decoder q/float GB':>18} "
+            f"{'peak GiB':>9} {'VmHWM GiB':>9} {'export s':>8}  check")
     print(head)
     print("-" * len(head))
     for c in results["cases"]:
         check = c["graph_check"]
-        print(f"{c['dtype']:<8} {c['export_bytes'] / 2**30:>10.2f} "
+        split = c["decoder_data_bytes"]
+        print(f"{c['dtype']:<8} {c['weights']:<7} {c['export_bytes'] / 2**30:>10.2f} "
+              f"{split['quantized'] / 1e9:>8.3f} / {split['float'] / 1e9:<7.3f} "
               f"{c['peak_bytes'] / 2**30:>9.2f} {c['peak_hwm_bytes'] / 2**30:>9.2f} "
               f"{c['seconds']:>8.0f}  {check['nodes']} nodes, {len(check['problems'])} problems")
     if args.json:

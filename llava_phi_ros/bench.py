@@ -45,6 +45,7 @@ import torch
 
 from .backends import BACKENDS, DTYPE_NAMES, EXPORT_DTYPES, implemented_backends
 from .cli import EXIT_USAGE, CliError
+from .export.quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, WEIGHT_FORMATS
 from .model.config import ConfigError, LlavaPhiConfig, tiny_config
 from .model.llava_phi import LlavaPhiForCausalLM
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
@@ -181,7 +182,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         raise BenchError(f"--model {args.model!r} is not a directory", EXIT_USAGE)
     backends = tuple(b.strip() for b in args.backend.split(","))
     known = (*BACKENDS, BASELINE)
-    for name in backends:
+    for variant in backends:
+        name, weights, level = split_variant(variant)
+        if (weights, level) != ("float", DEFAULT_ACCURACY_LEVEL) and name != "onnxruntime" or \
+                weights not in WEIGHT_FORMATS or level not in ACCURACY_LEVELS:
+            raise BenchError(f"--backend {variant!r}: only onnxruntime takes a weight format, "
+                             f"as onnxruntime:{'|'.join(WEIGHT_FORMATS)}[:accuracy level "
+                             f"{'|'.join(map(str, ACCURACY_LEVELS))}]", EXIT_USAGE)
         if name not in known:
             raise BenchError(f"unknown backend {name!r} in --backend (choose from "
                              f"{', '.join((*implemented_backends(), BASELINE))})", EXIT_USAGE)
@@ -196,6 +203,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if value is not None and value < low:
             why = " (decode tokens/s needs a second token)" if flag == "--new-tokens" else ""
             raise BenchError(f"{flag} must be >= {low}, got {value}{why}", EXIT_USAGE)
+    if "tensorrt" in backends and find_spec("tensorrt") is None:
+        raise BenchError("backend 'tensorrt' needs TensorRT's Python module (not installed; "
+                         "JetPack's python3-libnvinfer on a Jetson)", EXIT_USAGE)
     if BASELINE in backends and find_spec("transformers") is None:
         raise BenchError(f"the {BASELINE} baseline needs transformers: pip install "
                          "'llava-phi-ros[bench]'", EXIT_USAGE)
@@ -376,17 +386,24 @@ class ProductRunner:
         self._export_dir: Path | None = None
         # the backend casts/moves `weights` IN PLACE: the caller hands over a model of its own
         meta = metadata_for_model(weights, source.tokenizer, source.preprocess, source.name)
-        if name == "onnxruntime":  # its weights are an export of these: made here, first
-            meta = self._export(weights, source, s)
+        backend, weight_format, level = split_variant(name)
+        options = {}
+        if backend in ("onnxruntime", "tensorrt"):  # an export of these weights, made first
+            meta = self._export(weights, source, s, weight_format, level)
+        if backend == "tensorrt":  # and its engines, built here (minutes on a Jetson)
+            options = {"engine_dir": str(self._build_engines())}
         try:
-            self.vlm = VisionLanguageModel.from_metadata(meta, name, s.device, s.dtype)
+            self.vlm = VisionLanguageModel.from_metadata(meta, backend, s.device, s.dtype,
+                                                         backend_options=options)
         except ModelLoadError as exc:
             raise BenchError(f"cannot create backend {name!r}: {exc}") from exc
         self.vlm.tokenizer = NoStopTokenizer(self.vlm.tokenizer)  # type: ignore[assignment]
         self.label = self.vlm.description
 
-    def _export(self, weights: LlavaPhiForCausalLM, source: Source, s: BenchSettings) -> Any:
-        """Export the weights (llava-phi export) to a temporary directory; its metadata."""
+    def _export(self, weights: LlavaPhiForCausalLM, source: Source, s: BenchSettings,
+                weight_format: str, level: int) -> Any:
+        """Export the weights (llava-phi export [--weights]) to a temporary directory; its
+        metadata."""
         import tempfile
 
         from .export.onnx_export import export_model
@@ -398,10 +415,23 @@ class ProductRunner:
             raise BenchError(f"onnxruntime exports are {' or '.join(EXPORT_DTYPES)}, not "
                              f"{precision}", EXIT_USAGE)
         self._export_dir = Path(tempfile.mkdtemp(prefix="llava-phi-bench-onnx-"))
-        progress(f"exporting the weights for onnxruntime ({precision}) to {self._export_dir}")
+        progress(f"exporting the weights ({precision}, weights {weight_format}, "
+                 f"accuracy level {level}) to {self._export_dir}")
         export_model(weights, source.tokenizer, source.preprocess, self._export_dir / "model",
-                     precision, source="bench")
+                     precision, source="bench", weights=weight_format, accuracy_level=level)
         return load_metadata(str(self._export_dir / "model"))
+
+    def _build_engines(self) -> Path:
+        """TensorRT engines of the export, beside it (llava-phi build-engines)."""
+        from .trt.build import build_engines
+
+        assert self._export_dir is not None
+        try:
+            return build_engines(self._export_dir / "model", self._export_dir / "engines",
+                                 log=progress)
+        except ImportError as exc:
+            raise BenchError(f"backend 'tensorrt' needs TensorRT's Python module ({exc})",
+                             EXIT_USAGE) from exc
 
     def weights_mib(self) -> float:
         """Weights, buffers and the preallocated KV cache, as tensors hold them."""
@@ -598,6 +628,17 @@ class TransformersRunner:
 
 
 Runner = ProductRunner | TransformersRunner
+
+
+def split_variant(variant: str) -> tuple[str, str, int]:
+    """A --backend entry: 'onnxruntime:int4:1' -> ('onnxruntime', 'int4', 1) (an export with
+    int4 weights, MatMulNBits accuracy level 1); a bare name has float weights."""
+    name, _, rest = variant.partition(":")
+    weights, _, level = rest.partition(":")
+    try:
+        return name, weights or "float", int(level) if level else DEFAULT_ACCURACY_LEVEL
+    except ValueError:
+        return name, weights, -1
 
 
 def resolve_device(s: BenchSettings) -> tuple[torch.device, torch.dtype]:

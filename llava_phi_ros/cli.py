@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "activations, 4 = int8 activations (faster; default 4)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+    engines = sub.add_parser("build-engines", help="build TensorRT engines from an export, on "
+                                                   "the GPU that will run them (minutes)")
+    engines.add_argument("--onnx", required=True, help="an export directory (llava-phi export)")
+    engines.add_argument("--out", default=None,
+                         help="engine directory (default: $ROS_HOME/llava_phi_ros/engines/<key>,"
+                              " where the node looks when engine_dir is empty)")
+    engines.add_argument("--max-prefill", type=int, default=0,
+                         help="positions per prefill run (the node's max_prefill; 0 = "
+                              "min(1024, max_context))")
+    engines.add_argument("--workspace-mb", type=int, default=2048,
+                         help="TensorRT builder workspace limit in MiB (default 2048)")
+    engines.add_argument("--force", action="store_true",
+                         help="rebuild even when engines for this export, GPU and TensorRT exist")
+
     from .training.evaluate import add_eval_arguments
     from .training.scenes import add_scenes_arguments
     from .training.trainer import add_train_arguments
@@ -248,6 +262,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    """An export -> TensorRT engines and their manifest (reused when they already match)."""
+    try:
+        from .trt.build import build_engines
+        from .trt.manifest import MANIFEST_FILE, EngineError
+
+        out = build_engines(args.onnx, args.out, args.max_prefill or None, args.workspace_mb,
+                            args.force)
+        prefill = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["max_prefill"]
+    except ImportError as exc:
+        raise CliError(f"build-engines needs TensorRT's Python module ({exc}); on a Jetson it "
+                       "comes with JetPack (python3-libnvinfer)") from exc
+    except (ValueError, OSError, EngineError) as exc:
+        raise CliError(f"cannot build engines from {args.onnx!r}: {exc}") from exc
+    print(f"engines: {out} (the node: backend tensorrt, model_path {args.onnx}, max_prefill "
+          f"{prefill}{'' if args.out else ', engine_dir empty'})")
+    return 0
+
+
 def cmd_scenes(args: argparse.Namespace) -> int:
     """Write a scene set (see llava_phi_ros.training.scenes)."""
     from .training.scenes import run_scenes
@@ -277,7 +310,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "convert": cmd_convert, "scenes": cmd_scenes,
-            "eval": cmd_eval, "train": cmd_train, "bench": cmd_bench, "export": cmd_export}
+            "eval": cmd_eval, "train": cmd_train, "bench": cmd_bench, "export": cmd_export,
+            "build-engines": cmd_build_engines}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

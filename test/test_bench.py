@@ -101,7 +101,10 @@ def test_table_on_stdout_progress_on_stderr_and_plot(run):
 
 @pytest.mark.parametrize("flags, message", [
     (["--backend", "torch,nope"], "unknown backend 'nope'"),
-    (["--backend", "tensorrt"], "backend 'tensorrt' is not implemented yet"),
+    (["--backend", "tensorrt"], "backend 'tensorrt' needs TensorRT's Python module"),
+    (["--backend", "torch:int4"], "only onnxruntime takes a weight format"),
+    (["--backend", "onnxruntime:int3"], "only onnxruntime takes a weight format"),
+    (["--backend", "onnxruntime:int4:9"], "only onnxruntime takes a weight format"),
     (["--backend", "torch,torch"], "names a backend twice"),
     (["--layers", "0"], "--layers must be >= 1, got 0"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),

@@ -194,3 +194,19 @@ def test_the_tensorrt_backend_refuses_clearly_where_it_cannot_run(export_dir, ca
     with capsys.disabled():
         print("\n[not run here] TensorRT engines: tensorrt importable: "
               f"{has_tensorrt}, CUDA GPU: {torch.cuda.is_available()}")
+
+
+def test_build_engines_says_what_it_needs_where_tensorrt_is_absent(export_dir):
+    import subprocess
+    import sys
+
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is here: build-engines would build")
+    except ImportError:
+        pass
+    done = subprocess.run([sys.executable, "-m", "llava_phi_ros.cli", "build-engines",
+                           "--onnx", str(export_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "needs TensorRT's Python module" in done.stderr and "Traceback" not in done.stderr

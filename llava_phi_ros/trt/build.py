@@ -56,15 +56,16 @@ def typical_prompt(onnx_dir: Path) -> int:
 
 
 def build_engines(onnx_dir: str | Path, out: str | Path | None = None,
-                  max_prefill: int = DEFAULT_MAX_PREFILL,
+                  max_prefill: int | None = None,
                   workspace_mb: int = DEFAULT_WORKSPACE_MB, force: bool = False,
                   log: Callable[[str], None] = print) -> Path:
     """Build (or reuse, when the manifest matches and force is off) the engines of an export;
-    returns their directory."""
+    returns their directory. max_prefill None: min(DEFAULT_MAX_PREFILL, max_context)."""
     import tensorrt as trt
 
     onnx_dir = Path(onnx_dir)
     export = read_manifest(onnx_dir)
+    max_prefill = max_prefill or min(DEFAULT_MAX_PREFILL, int(export["max_context"]))
     io = GraphIO.read(onnx_dir / DECODER_FILE)
     profiles = decoder_profiles(io, max_prefill, typical_prompt(onnx_dir))
     wanted = em.target(export, export_sha256(onnx_dir), device_facts(trt), max_prefill, profiles)
