@@ -9,7 +9,7 @@ service, odd ones the ~/ask action), all clients at once; with max_pending_queri
 may be refused BUSY (one running + N - 1 waiting fit the queue). Every answer is compared token
 for token with the same question asked of the same model directly (no ROS).
 `soak`: one client at --rate-hz; the node process's resident memory, threads and open file
-descriptors after a warm-up (10% of the queries) and at the end.
+descriptors after a warm-up (10% of the queries), at every further tenth, and at the end.
 Prints one JSON object (the last line of stdout); test_load.py runs a CI-sized load from it.
 """
 
