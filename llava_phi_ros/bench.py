@@ -389,7 +389,7 @@ class ProductRunner:
         backend, weight_format, level = split_variant(name)
         options = {}
         if backend in ("onnxruntime", "tensorrt"):  # an export of these weights, made first
-            meta = self._export(weights, source, s, weight_format, level)
+            meta = self._export(backend, weights, source, s, weight_format, level)
         if backend == "tensorrt":  # and its engines, built here (minutes on a Jetson)
             options = {"engine_dir": str(self._build_engines())}
         try:
@@ -400,8 +400,8 @@ class ProductRunner:
         self.vlm.tokenizer = NoStopTokenizer(self.vlm.tokenizer)  # type: ignore[assignment]
         self.label = self.vlm.description
 
-    def _export(self, weights: LlavaPhiForCausalLM, source: Source, s: BenchSettings,
-                weight_format: str, level: int) -> Any:
+    def _export(self, backend: str, weights: LlavaPhiForCausalLM, source: Source,
+                s: BenchSettings, weight_format: str, level: int) -> Any:
         """Export the weights (llava-phi export [--weights]) to a temporary directory; its
         metadata."""
         import tempfile
@@ -415,7 +415,7 @@ class ProductRunner:
             raise BenchError(f"onnxruntime exports are {' or '.join(EXPORT_DTYPES)}, not "
                              f"{precision}", EXIT_USAGE)
         self._export_dir = Path(tempfile.mkdtemp(prefix="llava-phi-bench-onnx-"))
-        progress(f"exporting the weights ({precision}, weights {weight_format}, "
+        progress(f"exporting the weights for {backend} ({precision}, weights {weight_format}, "
                  f"accuracy level {level}) to {self._export_dir}")
         export_model(weights, source.tokenizer, source.preprocess, self._export_dir / "model",
                      precision, source="bench", weights=weight_format, accuracy_level=level)

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", default="float", choices=WEIGHT_FORMATS,
                         help="float: every weight in --dtype; int8 / int4: the decoder's linear "
                              "weights quantised (int8 per output channel, int4 in blocks of "
-                             "128), dequantized in the graph (default: float)")
+                             "128), dequantized in the graph; +lm_head: lm_head too (for CPUs) "
+                             "(default: float)")
     export.add_argument("--accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL,
                         choices=ACCURACY_LEVELS,
                         help="onnxruntime's MatMulNBits accuracy for int8/int4 weights: 1 = fp32 "

@@ -158,3 +158,22 @@ def test_int4_export_refuses_an_input_size_128_does_not_divide(tmp_path):
         export_model(random_tiny_model(seed=1, cfg=random_tiny_config()), build_byte_tokenizer(),
                      PREPROCESS, tmp_path / "q", weights="int4")
     assert not (tmp_path / "q").exists()  # nothing half-written
+
+
+def test_lm_head_is_quantised_only_when_asked_and_then_computes_the_quantised_model(tmp_path):
+    assert is_quantized("lm_head.weight", "int4+lm_head")
+    assert is_quantized("model.layers.0.mlp.fc1.weight", "int8+lm_head")
+    assert not is_quantized("lm_head.weight", "int4")
+    assert not is_quantized("model.embed_tokens.weight", "int8+lm_head")
+    model = random_tiny_model(seed=1, cfg=random_tiny_config())
+    export_model(model, build_byte_tokenizer(), PREPROCESS, tmp_path / "q",
+                 weights="int8+lm_head", accuracy_level=1)
+    _, types, _ = graph_facts(tmp_path / "q")
+    assert types["lm_head.weight.quantized"] == onnx.TensorProto.INT8
+    assert read_manifest(tmp_path / "q")["weights"] == "int8+lm_head"
+    twin = dequantized_twin(random_tiny_model(seed=1, cfg=random_tiny_config()), "int8+lm_head")
+    reference = VisionLanguageModel(TorchBackend(twin), build_byte_tokenizer(), PREPROCESS,
+                                    system_prompt=SHORT_SYSTEM)
+    for a, b in zip(conversation(reference), conversation(ort_model(tmp_path / "q", "all")),
+                    strict=True):
+        assert_same(a, b)

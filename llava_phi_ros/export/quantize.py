@@ -3,7 +3,9 @@
 `llava-phi export --weights int8|int4` stores each decoder layer's q/k/v/dense/fc1/fc2 weight as
 integers plus scales, dequantized in the graph by a DequantizeLinear node feeding its MatMul
 (the weight is stored transposed, [in, out]; weights.py). Everything else (lm_head, the
-embeddings, the vision tower, norms and biases) keeps the export's dtype. Symmetric, zero point
+embeddings, the vision tower, norms and biases) keeps the export's dtype, except that
+`int8+lm_head` / `int4+lm_head` quantise lm_head too: on a CPU an fp32 lm_head is half of a
+decode step (issue "TensorRT": Phi-2 geometry, 4 layers, 2 threads). Symmetric, zero point
 0 (omitted), which is what TensorRT's weight-only path and ONNX Runtime's DequantizeLinear ->
 MatMulNBits fusion take:
 - int8: one scale per output channel (axis 1 of [in, out]); opset 17 suffices.
@@ -18,7 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WEIGHT_FORMATS = ("float", "int8", "int4")  # float: the export dtype, nothing quantised
+# float: the export dtype, nothing quantised; "+lm_head": lm_head quantised too (for CPUs, where
+# an fp32 lm_head is half of a decode step; llama.cpp quantises its output matrix likewise).
+WEIGHT_FORMATS = ("float", "int8", "int4", "int8+lm_head", "int4+lm_head")
+LM_HEAD_KEY = "lm_head.weight"
 # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits, which computes at accuracy level
 # 1 with fp32 activations and at 4 (its default) with int8 activations; the export's manifest
 # says which (onnxruntime only: TensorRT ignores it).
@@ -44,7 +49,15 @@ def is_quantized(key: str, weights: str) -> bool:
     """Whether this state-dict key is stored quantised under the weight format."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
-    return weights != "float" and QUANTIZED_KEY.fullmatch(key) is not None
+    if weights == "float":
+        return False
+    return QUANTIZED_KEY.fullmatch(key) is not None or (
+        weights.endswith("+lm_head") and key == LM_HEAD_KEY)
+
+
+def integer_format(weights: str) -> str:
+    """The integer type of a weight format: "int4+lm_head" -> "int4"."""
+    return weights.partition("+")[0]
 
 
 def quantize(name: str, weight_in_out: np.ndarray, weights: str,
@@ -54,6 +67,7 @@ def quantize(name: str, weight_in_out: np.ndarray, weights: str,
     if w.ndim != 2:
         raise ValueError(f"{name}: a linear weight is 2-D, got shape {w.shape}")
     n_in, n_out = w.shape
+    weights = integer_format(weights)
     if weights == "int8":
         scale = _scale(np.abs(w).max(axis=0), 127, scale_dtype)  # [out]
         values = _round(w / scale.astype(np.float32), 127)

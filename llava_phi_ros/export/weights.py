@@ -27,7 +27,7 @@ from onnx import version_converter
 
 from ..model.config import LlavaPhiConfig
 from ..model.llava_phi import LlavaPhiForCausalLM
-from .quantize import INT4_OPSET, is_quantized, pack_int4, quantize
+from .quantize import INT4_OPSET, integer_format, is_quantized, pack_int4, quantize
 
 _DISTINCT = 1024  # values 1 + k/1024, k < 1024: distinct in fp16 and fp32
 _ALIGN = 64  # byte alignment of each tensor in a data file (lets a runtime map it)
@@ -106,7 +106,7 @@ class WeightWriter:
             raise RuntimeError(f"{graph_path.name}: not stored as [in, out], cannot quantise: "
                                f"{', '.join(sorted(self._quantized - self._transposed))}")
         self._dequantize: list[onnx.NodeProto] = []
-        if self._quantized and weights == "int4":  # INT4 and block_size: opset 21, IR 10
+        if self._quantized and integer_format(weights) == "int4":  # INT4, block_size: opset 21
             self.model = version_converter.convert_version(self.model, INT4_OPSET)
             self.model.ir_version = 10
         self._file: BinaryIO = open(graph_path.parent / self.data_name, "wb")  # noqa: SIM115
@@ -126,7 +126,7 @@ class WeightWriter:
             self._initializers[input_name] = self._append(name, array)
             return
         q = quantize(name, value.float().numpy(), self.weights, dtype)
-        int4 = self.weights == "int4"
+        int4 = integer_format(self.weights) == "int4"
         values = self._append(f"{name}.quantized", q.values, pack_int4(q.values) if int4 else None,
                               onnx.TensorProto.INT4 if int4 else None)
         self._initializers[input_name] = values
