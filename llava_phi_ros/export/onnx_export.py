@@ -88,7 +88,8 @@ def export_weights(cfg: LlavaPhiConfig, state: Mapping[str, torch.Tensor],
     tensor at a time (a lazy one is never held whole); returns the manifest.
 
     weights: "float" (all in dtype) or "int8" / "int4" (the decoder's linear weights
-    quantised; "+lm_head": lm_head too; quantize.py); accuracy_level: how onnxruntime computes those (manifest only).
+    quantised; "+lm_head": lm_head too; quantize.py); accuracy_level: how onnxruntime
+    computes those (manifest only).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
