@@ -210,3 +210,20 @@ def test_build_engines_says_what_it_needs_where_tensorrt_is_absent(export_dir):
                           timeout=120)
     assert done.returncode == 1
     assert "needs TensorRT's Python module" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_decode_steps_device_side_bias_and_write_back_match_the_reference():
+    """What the TensorRT backend's captured decode step computes from a device position."""
+    import torch
+
+    from llava_phi_ros.backends.tensorrt_backend import decode_bias
+    from llava_phi_ros.export.graphs import attention_bias
+
+    columns = torch.arange(CONTEXT + 1)
+    for pos in (0, 1, 17, CONTEXT - 1):
+        got = decode_bias(columns, torch.tensor([pos]), CONTEXT)
+        assert torch.equal(got, attention_bias(pos, 1, CONTEXT).view(-1)), pos
+    cache = torch.zeros(1, 2, CONTEXT, 3)
+    new = torch.randn(1, 2, 4, 3)
+    cache.index_copy_(2, torch.arange(9, 13), new)  # the write-back of positions 9..12
+    assert torch.equal(cache[:, :, 9:13], new) and not cache[:, :, :9].any()

@@ -57,6 +57,15 @@ def create(metadata: ModelMetadata, device: str = "cuda", dtype: str | None = No
                            engine_dir, max_prefill)
 
 
+def decode_bias(columns: torch.Tensor, pos: torch.Tensor, context: int) -> torch.Tensor:
+    """attention_bias(pos, 1, context) flattened (C + 1,), computed on the device from a
+    position held there (so a captured CUDA graph replays it for any pos): the past entries
+    before pos and the new entry (column C) visible, the rest MASKED. columns: arange(C + 1)."""
+    visible = (columns < pos) | (columns == context)
+    return torch.where(visible, torch.zeros((), device=columns.device),
+                       torch.full((), MASKED, device=columns.device))
+
+
 class TensorRTBackend(Backend):
     """vision.engine + decoder.engine (two profiles) with a bound, runtime-owned KV cache."""
 
@@ -293,10 +302,7 @@ class TensorRTBackend(Backend):
         token, pos = b["step"][0:1], b["step"][1:2]
         b["inputs_embeds"][0].copy_(self.embedding.index_select(0, token))  # (1, D)
         b["position_ids"][0].copy_(pos)
-        visible = (b["columns"] < pos) | (b["columns"] == self.max_context)  # past < pos, self
-        b["attention_bias"].view(-1).copy_(torch.where(
-            visible, torch.zeros((), device=self.device),
-            torch.full((), MASKED, device=self.device)))
+        b["attention_bias"].view(-1).copy_(decode_bias(b["columns"], pos, self.max_context))
         if not self._contexts["decode"].execute_async_v3(self._stream.cuda_stream):
             raise BackendError("the decoder engine failed to run (decode)")
         for new, past in self._pairs:
