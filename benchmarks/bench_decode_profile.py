@@ -3,10 +3,10 @@
 Exports LLaVA-Phi-3B's geometry with --layers decoder layers (random, seeded) at --weights and
 --accuracy-level, then times one decode step at position --position three ways on 2 threads:
 the backend's `decode_step` (its real, I/O-bound cache), the same session's `session.run` on a
-zero cache, and onnxruntime's own profiler over that `session.run`, grouped by op (lm_head
-apart). A zero cache's pages all map to the kernel's one zero page, so that step reads the
-cache from CPU caches, not DRAM: the gap between the first two is the cost of reading a real
-fixed-length cache.
+zero cache and on a filled one (without profiling), and onnxruntime's own profiler over the
+filled one, grouped by op (lm_head apart). A zero cache's untouched pages all map to the
+kernel's one zero page, so reading it hits CPU caches, not DRAM: the zero/filled gap is the
+cost of reading a real fixed-length cache.
 
     .venv/bin/python benchmarks/bench_decode_profile.py --weights int4 [--layers 4]
         [--accuracy-level 4] [--max-context 2048] [--position 800] [--dir /tmp]
@@ -84,23 +84,31 @@ def _measure(args: argparse.Namespace, cfg, init_std: float, out: Path) -> int:
     backend_ms = per_step_ms(lambda: backend.decode_step(5, pos))
     backend.close()
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
-                                     str(args.accuracy_level))
-    options.enable_profiling = True
-    options.profile_file_prefix = str(out / "profile")
-    session = ort.InferenceSession(str(out / "decoder.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
+    def session(profile: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                         str(args.accuracy_level))
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(out / "profile")
+        return ort.InferenceSession(str(out / "decoder.onnx"), options,
+                                    providers=["CPUExecutionProvider"])
+
     shape = (1, t.num_attention_heads, context, t.head_dim)
-    feeds = {"inputs_embeds": np.random.rand(1, 1, t.hidden_size).astype(np.float32),
+    small = {"inputs_embeds": np.random.rand(1, 1, t.hidden_size).astype(np.float32),
              "position_ids": np.array([[pos]]),
              "attention_bias": attention_bias(pos, 1, context).numpy(),
-             "logit_positions": np.array([0]),
-             **{n: np.zeros(shape, np.float32) for n in past_names(args.layers)}}
-    run_ms = per_step_ms(lambda: session.run(None, feeds))
-    events = json.loads(Path(session.end_profiling()).read_text())
+             "logit_positions": np.array([0])}
+    zero = {n: np.zeros(shape, np.float32) for n in past_names(args.layers)}
+    rng = np.random.default_rng(0)
+    filled = {n: rng.standard_normal(shape, dtype=np.float32) for n in past_names(args.layers)}
+    plain = session(False)
+    zero_ms = per_step_ms(lambda: plain.run(None, {**small, **zero}))
+    filled_ms = per_step_ms(lambda: plain.run(None, {**small, **filled}))
+    profiled = session(True)
+    per_step_ms(lambda: profiled.run(None, {**small, **filled}))
+    events = json.loads(Path(profiled.end_profiling()).read_text())
     by_op: collections.Counter[str] = collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
@@ -111,7 +119,8 @@ def _measure(args: argparse.Namespace, cfg, init_std: float, out: Path) -> int:
           f"{args.accuracy_level}, max_context {context}, position {pos}, 2 threads")
     print(f"backend decode_step (real cache):  {backend_ms:6.1f} ms  "
           f"({1000 / backend_ms:.1f} tokens/s)")
-    print(f"session.run (zero cache):          {run_ms:6.1f} ms")
+    print(f"session.run, zero cache:           {zero_ms:6.1f} ms")
+    print(f"session.run, filled cache:         {filled_ms:6.1f} ms  (profiled below)")
     total = sum(by_op.values())
     for op, us in by_op.most_common(8):
         print(f"  {op:24s} {us / runs / 1000:6.2f} ms  {us / total * 100:5.1f}%")

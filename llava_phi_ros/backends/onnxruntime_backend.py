@@ -25,7 +25,7 @@ from ..export.onnx_export import (
     EMBED_FILE,
     MANIFEST_FILE,
     VISION_FILE,
-    read_manifest,
+    read_manifest_for,
 )
 from ..model.metadata import ModelMetadata
 from .base import Backend, BackendError, KVSnapshot
@@ -54,16 +54,10 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         try:
-            manifest = read_manifest(export_dir)
+            manifest = read_manifest_for(export_dir, dtype, max_context)
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         precision = manifest["dtype"]
-        if dtype not in (None, "", "auto", precision):
-            raise BackendError(f"{export_dir} was exported as {precision}; dtype {dtype!r} "
-                               "needs another export (llava-phi export --dtype)")
-        if max_context not in (None, manifest["max_context"]):
-            raise BackendError(f"{export_dir} was exported with max_context "
-                               f"{manifest['max_context']}, not {max_context}")
         if optimization not in OPTIMIZATION_LEVELS:
             raise BackendError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
         providers = self._providers(device, ort.get_available_providers())

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..export.graphs import MASKED, attention_bias
-from ..export.onnx_export import DECODER_FILE, EMBED_FILE, read_manifest
+from ..export.onnx_export import DECODER_FILE, EMBED_FILE, read_manifest_for
 from ..model.metadata import ModelMetadata
 from ..trt import manifest as em
 from ..trt.build import DEFAULT_MAX_PREFILL, device_facts, export_sha256, typical_prompt
@@ -81,16 +81,10 @@ class TensorRTBackend(Backend):
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise BackendError(f"backend tensorrt runs on a CUDA GPU, not {device!r}")
         try:
-            export = read_manifest(export_dir)
+            export = read_manifest_for(export_dir, dtype, max_context)
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         precision = export["dtype"]
-        if dtype not in (None, "", "auto", precision):
-            raise BackendError(f"{export_dir} was exported as {precision}; dtype {dtype!r} "
-                               "needs another export (llava-phi export --dtype)")
-        if max_context not in (None, 0, export["max_context"]):
-            raise BackendError(f"{export_dir} was exported with max_context "
-                               f"{export['max_context']}, not {max_context}")
         self.config = metadata.config
         self.max_context = int(export["max_context"])
         self.max_prefill = int(max_prefill or min(DEFAULT_MAX_PREFILL, self.max_context))

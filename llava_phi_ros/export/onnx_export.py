@@ -159,6 +159,21 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def read_manifest_for(export_dir: str | Path, dtype: str | None,
+                      max_context: int | None) -> dict[str, Any]:
+    """The manifest of an export a runtime is asked to serve at dtype and max_context (None,
+    "" or "auto" / None or 0: the export's own); ValueError naming what differs."""
+    manifest = read_manifest(export_dir)
+    precision = manifest["dtype"]
+    if dtype not in (None, "", "auto", precision):
+        raise ValueError(f"{export_dir} was exported as {precision}; dtype {dtype!r} needs "
+                         "another export (llava-phi export --dtype)")
+    if max_context not in (None, 0, manifest["max_context"]):
+        raise ValueError(f"{export_dir} was exported with max_context "
+                         f"{manifest['max_context']}, not {max_context}")
+    return manifest
+
+
 def _opset(path: Path) -> int:
     """The standard-domain opset a written graph imports."""
     model = onnx.load(str(path), load_external_data=False)
