@@ -12,7 +12,6 @@ cancel) is the shared code behind `Backend`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from ..export.graphs import attention_bias, new_names, past_names
 from ..export.onnx_export import (
     DECODER_FILE,
     EMBED_FILE,
-    MANIFEST_FILE,
     VISION_FILE,
+    manifest_sha256,
     read_manifest_for,
 )
+from ..export.quantize import DEFAULT_ACCURACY_LEVEL
 from ..model.metadata import ModelMetadata
 from .base import Backend, BackendError, KVSnapshot
 from .torch_backend import DTYPES as TORCH_DTYPES
@@ -66,7 +66,8 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         weights = manifest.get("weights", "float")
         if accuracy_level is None:
-            accuracy_level = manifest.get("onnxruntime", {}).get("matmul_accuracy_level", 4)
+            accuracy_level = manifest.get("onnxruntime", {}).get("matmul_accuracy_level",
+                                                                 DEFAULT_ACCURACY_LEVEL)
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
                                          str(accuracy_level))
         levels = ort.GraphOptimizationLevel
@@ -79,12 +80,11 @@ class OnnxRuntimeBackend(Backend):
                                             providers=providers)
         self.config = metadata.config
         self.manifest = manifest
-        manifest_bytes = (export_dir / MANIFEST_FILE).read_bytes()
         self._described = {
             "backend": "onnxruntime", "precision": precision, "weights": weights,
             "matmul_accuracy_level": str(accuracy_level),
             "device": ",".join(self.decoder.get_providers()), "export_dir": str(export_dir),
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "manifest_sha256": manifest_sha256(export_dir),
             "source_sha256": manifest["source_sha256"], "onnxruntime": ort.__version__}
         self.max_context = int(manifest["max_context"])
         self.model_id = (f"{metadata.name}/onnxruntime/{precision}"

@@ -29,19 +29,11 @@ import numpy as np
 import torch
 
 from ..export.graphs import MASKED, attention_bias
-from ..export.onnx_export import DECODER_FILE, EMBED_FILE, read_manifest_for
+from ..export.onnx_export import EMBED_FILE, read_manifest_for
 from ..model.metadata import ModelMetadata
 from ..trt import manifest as em
-from ..trt.build import DEFAULT_MAX_PREFILL, device_facts, export_sha256, typical_prompt
-from ..trt.plan import (
-    PROFILES,
-    GraphIO,
-    StepPlan,
-    check_prefill,
-    decoder_profiles,
-    plan_step,
-    prefill_chunks,
-)
+from ..trt.build import engine_target
+from ..trt.plan import PROFILES, StepPlan, plan_step, prefill_chunks
 from .base import Backend, BackendError, KVSnapshot
 from .torch_backend import DTYPES as TORCH_DTYPES
 
@@ -87,13 +79,10 @@ class TensorRTBackend(Backend):
         precision = export["dtype"]
         self.config = metadata.config
         self.max_context = int(export["max_context"])
-        self.max_prefill = int(max_prefill or min(DEFAULT_MAX_PREFILL, self.max_context))
         try:
-            check_prefill(self.max_prefill, self.max_context)
-            self.io = GraphIO.read(export_dir / DECODER_FILE)
-            profiles = decoder_profiles(self.io, self.max_prefill, typical_prompt(export_dir))
-            wanted = em.target(export, export_sha256(export_dir), device_facts(trt),
-                               self.max_prefill, profiles)
+            self.io, _, wanted = engine_target(trt, export_dir, export,
+                                               metadata.config.num_image_tokens, max_prefill)
+            self.max_prefill = wanted["max_prefill"]
             self.engine_dir = em.engine_set_dir(em.engines_root(engine_dir), wanted)
         except (ValueError, em.EngineError) as exc:
             raise BackendError(str(exc)) from exc

@@ -13,6 +13,7 @@ RMSNormalization), which is what TensorRT 10.3's parser takes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Mapping
@@ -157,6 +158,11 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: export format {manifest.get('format')!r}, this build reads "
                          f"{EXPORT_FORMAT}; export again")
     return manifest
+
+
+def manifest_sha256(export_dir: str | Path) -> str:
+    """An export's identity: the sha256 of its manifest.json (graphs' source, settings, check)."""
+    return hashlib.sha256((Path(export_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 def read_manifest_for(export_dir: str | Path, dtype: str | None,

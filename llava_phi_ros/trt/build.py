@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..export.onnx_export import DECODER_FILE, MANIFEST_FILE, VISION_FILE, read_manifest
+from ..export.onnx_export import DECODER_FILE, VISION_FILE, manifest_sha256, read_manifest
+from ..model.metadata import load_metadata
 from . import manifest as em
 from .plan import GraphIO, decoder_profiles
 
@@ -41,18 +42,17 @@ def device_facts(trt: Any) -> em.Device:
                      cuda_version=str(torch.version.cuda), jetson_module=em.jetson_module())
 
 
-def export_sha256(onnx_dir: Path) -> str:
-    """The export's identity: the sha256 of its manifest (graphs, weights' source, settings)."""
-    import hashlib
-
-    return hashlib.sha256((onnx_dir / MANIFEST_FILE).read_bytes()).hexdigest()
-
-
-def typical_prompt(onnx_dir: Path) -> int:
-    """The prefill profile's opt S: the image's positions plus a short question."""
-    from ..model.metadata import load_metadata
-
-    return load_metadata(str(onnx_dir)).config.num_image_tokens + 64
+def engine_target(trt: Any, onnx_dir: Path, export: dict[str, Any], num_image_tokens: int,
+                  max_prefill: int | None
+                  ) -> tuple[GraphIO, dict[str, dict[str, tuple]], dict[str, Any]]:
+    """The decoder graph's I/O, its profiles, and what engines of this export on this machine
+    at max_prefill (None or 0: min(DEFAULT_MAX_PREFILL, max_context)) are built for. The
+    prefill profile's opt S is a typical prompt: the image's positions plus a short question."""
+    max_prefill = max_prefill or min(DEFAULT_MAX_PREFILL, int(export["max_context"]))
+    io = GraphIO.read(onnx_dir / DECODER_FILE)
+    profiles = decoder_profiles(io, max_prefill, num_image_tokens + 64)  # checks max_prefill
+    return io, profiles, em.target(export, manifest_sha256(onnx_dir), device_facts(trt),
+                                   max_prefill, profiles)
 
 
 def build_engines(onnx_dir: str | Path, out: str | Path | None = None,
@@ -64,11 +64,9 @@ def build_engines(onnx_dir: str | Path, out: str | Path | None = None,
     import tensorrt as trt
 
     onnx_dir = Path(onnx_dir)
-    export = read_manifest(onnx_dir)
-    max_prefill = max_prefill or min(DEFAULT_MAX_PREFILL, int(export["max_context"]))
-    io = GraphIO.read(onnx_dir / DECODER_FILE)
-    profiles = decoder_profiles(io, max_prefill, typical_prompt(onnx_dir))
-    wanted = em.target(export, export_sha256(onnx_dir), device_facts(trt), max_prefill, profiles)
+    image_tokens = load_metadata(str(onnx_dir)).config.num_image_tokens
+    _, profiles, wanted = engine_target(trt, onnx_dir, read_manifest(onnx_dir), image_tokens,
+                                        max_prefill)
     root = Path(out).expanduser().resolve() if out else em.engines_root()
     engine_dir = root if out else root / em.target_key(wanted)
     reasons = em.problems(engine_dir, wanted)
