@@ -40,10 +40,11 @@ TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16",
 SHAPE_ONLY = frozenset({"Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze"})
 CACHE_READERS = frozenset({"MatMul"})
 CONSTANT_AXES = {"Unsqueeze": 1, "Squeeze": 1, "ReduceMean": 1}  # op -> index of its axes input
-# The table's types of DequantizeLinear are those of x (input 0); its scale is a float tensor
-# (TensorRT's IDequantizeLayer takes FP32, FP16 or BF16 scales).
-TABLE_TYPED_INPUTS = {"DequantizeLinear": 1}  # op -> how many leading inputs the table types
-SCALE_TYPES = ("FP32", "FP16", "BF16")
+# (op, input index) -> the types allowed where the table's types are not that input's (None:
+# not type-checked here). DequantizeLinear's table types are x's (input 0); its scale is float
+# (TensorRT's IDequantizeLayer takes FP32, FP16 or BF16 scales); its zero point is checked by
+# _check_dequantize.
+INPUT_TYPES = {("DequantizeLinear", 1): ("FP32", "FP16", "BF16"), ("DequantizeLinear", 2): None}
 
 
 @cache
@@ -85,9 +86,8 @@ def check_graph(model: onnx.ModelProto) -> list[str]:
         if entry is None or not entry["supported"]:
             problems.append(f"{where}: not supported by the TensorRT 10.3 parser")
             continue
-        typed = TABLE_TYPED_INPUTS.get(node.op_type, len(node.input))
         for j, name in enumerate(node.input):
-            allowed = entry["types"] if j < typed else SCALE_TYPES if j == 1 else None
+            allowed = INPUT_TYPES.get((node.op_type, j), entry["types"])
             kind = types.get(name)
             if not name or allowed is None:
                 continue
