@@ -31,10 +31,6 @@ class _Entry:
     image: weakref.ref  # the EncodedImage spliced in at the placeholder (identity matters)
     snapshot: KVSnapshot
 
-    def holds(self, image: Any) -> bool:
-        """Whether this entry is this very image's (not one that died and left its id)."""
-        return self.image() is image
-
 
 def reusable_ids(cached_ids: Sequence[int], cached_image: Any, ids: Sequence[int],
                  image: Any) -> int:
@@ -65,11 +61,11 @@ class PrefixCache:
     def prepare(self, backend: Backend, ids: Sequence[int], image: Any) -> int:
         """Make the backend's KV cache hold the longest reusable prefix of ids; returns how many
         ids it covers. Until `finished()` the live sequence counts as lost."""
+        # Entries whose image died are dropped first, so an entry found by id(image) is this
+        # image's: a live object's id is never another live object's.
         self._drop_unreachable()
         keep = reusable_ids(self._live_ids, self._live_image, ids, image)
         entry = self._entries.get(id(image))
-        if entry is not None and not entry.holds(image):
-            entry = None
         from_entry = 0 if entry is None else reusable_ids(entry.ids, image, ids, image)
         restoring = entry is not None and from_entry > keep
         if self._image_would_be_lost(0 if restoring else keep) and not (
@@ -100,8 +96,7 @@ class PrefixCache:
         n = expanded_length(self._live_ids, self.num_image_tokens)
         key = id(self._live_image)
         old = self._entries.get(key)
-        if (old is not None and old.holds(self._live_image)
-                and old.ids[:len(self._live_ids)] == self._live_ids):
+        if old is not None and old.ids[:len(self._live_ids)] == self._live_ids:
             self._entries.move_to_end(key)  # it already holds all of this
             return
         self._drop(key)
