@@ -184,8 +184,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     known = (*BACKENDS, BASELINE)
     for variant in backends:
         name, weights, level = split_variant(variant)
-        if (weights, level) != ("float", DEFAULT_ACCURACY_LEVEL) and name != "onnxruntime" or \
-                weights not in WEIGHT_FORMATS or level not in ACCURACY_LEVELS:
+        variant_given = (weights, level) != ("float", DEFAULT_ACCURACY_LEVEL)
+        if (variant_given and name != "onnxruntime") or weights not in WEIGHT_FORMATS \
+                or level not in ACCURACY_LEVELS:
             raise BenchError(f"--backend {variant!r}: only onnxruntime takes a weight format, "
                              f"as onnxruntime:{'|'.join(WEIGHT_FORMATS)}[:accuracy level "
                              f"{'|'.join(map(str, ACCURACY_LEVELS))}]", EXIT_USAGE)
