@@ -12,6 +12,11 @@ test/test_build.py checks the installed package on its own, in subprocesses outs
 import os
 import sys
 
+# Triton kernels run under its CPU interpreter unless the tests target a GPU (gpu_check.sh sets
+# LLAVA_PHI_TEST_DEVICE=cuda); Triton reads this when a kernel is defined, so it is set first.
+if not os.environ.get("LLAVA_PHI_TEST_DEVICE", "cpu").startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
