@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import BACKENDS, DTYPE_NAMES, EXPORT_DTYPES, implemented_backends
+from .backends import BACKENDS, DECODE_PATHS, DTYPE_NAMES, EXPORT_DTYPES, implemented_backends
 from .cli import EXIT_USAGE, CliError
 from .export.quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, WEIGHT_FORMATS
 from .model.config import ConfigError, LlavaPhiConfig, tiny_config
@@ -51,10 +51,12 @@ from .model.llava_phi import LlavaPhiForCausalLM
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
 from .model.prompt import build_prompt, tokenize_prompt
 from .model.tokenizer import Tokenizer, build_byte_tokenizer
+from .roofline import copy_bandwidth, decode_ceiling, decode_weight_bytes
 
 BASELINE = "transformers"
 CONFIG_NAMES = ("llava-phi-3b", "tiny", "random-tiny")
 IMAGES = {"336": (336, 336), "1080p": (1920, 1080)}  # (width, height) of the camera frame
+PREPROCESSING = ("exact", "device")  # --preprocess
 QUESTION = "What is in front of the robot?"
 QUESTION_AGAIN = "Is the path ahead clear?"  # differs from the first character on
 PROFILE_DECODE_STEPS = 8
@@ -111,6 +113,8 @@ class BenchSettings:
     plot_path: str | None
     memory: bool
     profile_path: str | None = None
+    ceiling: bool = False  # measure the copy bandwidth and the decode ceiling
+    preprocess: str = "exact"  # or "device": the torch backends preprocess on their device
 
     def command_line(self) -> str:
         """The full command with every setting spelled out."""
@@ -132,6 +136,8 @@ class BenchSettings:
             parts += ["--plot", self.plot_path]
         if self.profile_path:
             parts += ["--profile", self.profile_path]
+        parts.append("--ceiling" if self.ceiling else "--no-ceiling")
+        parts += ["--preprocess", self.preprocess]
         return shlex.join(parts)
 
 
@@ -147,7 +153,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--backend", default=f"torch,{BASELINE}",
                    help=f"comma list of backends ({', '.join(implemented_backends())}) and "
-                        f"{BASELINE} (stock transformers, the baseline); default torch,{BASELINE}")
+                        f"{BASELINE} (stock transformers, the baseline); default torch,{BASELINE}. "
+                        f"Variants: torch:{'|'.join(DECODE_PATHS)} (the decode path), "
+                        f"onnxruntime:WEIGHTS[:LEVEL] (quantised weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="auto: float32 on CPU, float16 on a GPU")
@@ -163,6 +171,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured repeats first (default 1)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory child processes")
+    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the copy bandwidth (a 1 GiB device copy) and the decode ceiling "
+                        "it allows, with each backend's share of it (default: on a GPU only)")
+    p.add_argument("--preprocess", default="exact", choices=PREPROCESSING,
+                   help="exact: the CPU path, bit-exact with CLIPImageProcessor (default); "
+                        "device: the torch backends resize/pad/normalise on their device "
+                        "(within 2 uint8 levels of exact); the others stay exact")
     p.add_argument("--json", default=None, metavar="FILE", help="write every sample as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="bar charts, one per metric (needs matplotlib)")
@@ -185,7 +200,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     for variant in backends:
         name, weights, level = split_variant(variant)
         variant_given = (weights, level) != ("float", DEFAULT_ACCURACY_LEVEL)
-        if (variant_given and name != "onnxruntime") or weights not in WEIGHT_FORMATS \
+        if name == "torch":
+            path = decode_path(variant)
+            if path not in DECODE_PATHS:
+                raise BenchError(f"--backend {variant!r}: torch takes a decode path, as "
+                                 f"torch:{'|'.join(DECODE_PATHS)}", EXIT_USAGE)
+        elif (variant_given and name != "onnxruntime") or weights not in WEIGHT_FORMATS \
                 or level not in ACCURACY_LEVELS:
             raise BenchError(f"--backend {variant!r}: only onnxruntime takes a weight format, "
                              f"as onnxruntime:{'|'.join(WEIGHT_FORMATS)}[:accuracy level "
@@ -217,7 +237,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                          threads=args.threads,
                          layers=args.layers, image=args.image, new_tokens=args.new_tokens,
                          repeats=args.repeats, warmup=args.warmup, json_path=args.json,
-                         plot_path=args.plot, memory=args.memory, profile_path=args.profile)
+                         plot_path=args.plot, memory=args.memory, profile_path=args.profile,
+                         preprocess=args.preprocess,
+                         ceiling=(args.ceiling if args.ceiling is not None
+                                  else args.device.startswith("cuda")))
 
 
 def progress(message: str) -> None:
@@ -388,7 +411,7 @@ class ProductRunner:
         # the backend casts/moves `weights` IN PLACE: the caller hands over a model of its own
         meta = metadata_for_model(weights, source.tokenizer, source.preprocess, source.name)
         backend, weight_format, level = split_variant(name)
-        options = {}
+        options = {"decode_path": decode_path(name)} if backend == "torch" else {}
         if backend in ("onnxruntime", "tensorrt"):  # an export of these weights, made first
             meta = self._export(backend, weights, source, s, weight_format, level)
         if backend == "tensorrt":  # and its engines, built here (minutes on a Jetson)
@@ -399,6 +422,7 @@ class ProductRunner:
         except ModelLoadError as exc:
             raise BenchError(f"cannot create backend {name!r}: {exc}") from exc
         self.vlm.tokenizer = NoStopTokenizer(self.vlm.tokenizer)  # type: ignore[assignment]
+        self.vlm.device_preprocessing = backend == "torch" and s.preprocess == "device"
         self.label = self.vlm.description
 
     def _export(self, backend: str, weights: LlavaPhiForCausalLM, source: Source,
@@ -612,11 +636,14 @@ class TransformersRunner:
         with _profiling() as prefill:
             out = self.ref.phi(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             token = int(out.logits[0, -1].argmax())
-        cache = out.cache  # transformers 5.24 names it cache (past_key_values is deprecated)
+        # transformers 5.24 names it cache (past_key_values deprecated); 5.17 (the GPU
+        # machine's) has only past_key_values
+        key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+        cache = {key: getattr(out, key)}
         with _profiling() as decode:
             for _ in range(decode_steps):
                 out = self.ref.phi(input_ids=torch.tensor([[token]], device=self.device),
-                                   cache=cache, use_cache=True, logits_to_keep=1)
+                                   **cache, use_cache=True, logits_to_keep=1)
                 token = int(out.logits[0, -1].argmax())
         return vision, prefill, decode
 
@@ -640,6 +667,11 @@ def split_variant(variant: str) -> tuple[str, str, int]:
         return name, weights or "float", int(level) if level else DEFAULT_ACCURACY_LEVEL
     except ValueError:
         return name, weights, -1
+
+
+def decode_path(variant: str) -> str:
+    """A torch --backend entry's decode path: 'torch:fused' -> 'fused'; bare 'torch': auto."""
+    return variant.partition(":")[2] or "auto"
 
 
 def resolve_device(s: BenchSettings) -> tuple[torch.device, torch.dtype]:
@@ -968,6 +1000,7 @@ def run_bench(args: argparse.Namespace) -> int:
     source = build_source(s)
     assert source.model is not None
     counts = parameter_counts(source.model)
+    weight_bytes = decode_weight_bytes(source.model, dtype)
     progress(f"{counts['total'] / 1e9:.3f} B parameters in {time.perf_counter() - start:.1f} s")
     prompt_ids = tokenize_prompt(build_prompt(QUESTION), source.tokenizer, num_images=1)
     positions = len(prompt_ids) - 1 + cfg.num_image_tokens
@@ -1002,12 +1035,19 @@ def run_bench(args: argparse.Namespace) -> int:
             runner.close()
         del runners
         gc.collect()
+    ceiling = None
+    if s.ceiling:
+        progress("copy bandwidth (1 GiB device copies) and the decode ceiling")
+        copy = copy_bandwidth(device)
+        ceiling = {"copy": copy, "decode_weight_bytes": weight_bytes,
+                   "decode_ceiling_tok_s": decode_ceiling(copy["bandwidth_gb_s"], weight_bytes)}
     memory = {}
     if s.memory:
         for name in s.backends:
             progress(f"peak memory of {name} (child process)")
             memory[name] = peak_memory_in_child(s, name)
-    report = build_report(s, info, samples, labels, weights, memory, machine_info(device))
+    report = build_report(s, info, samples, labels, weights, memory, machine_info(device),
+                          ceiling)
     print(format_report(report))
     if s.json_path:
         path = Path(s.json_path)
@@ -1023,7 +1063,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def build_report(s: BenchSettings, info: dict[str, Any],
                  samples: dict[str, list[dict[str, Any]]], labels: dict[str, str],
                  weights: dict[str, float], memory: dict[str, dict[str, Any]],
-                 machine: dict[str, Any]) -> dict[str, Any]:
+                 machine: dict[str, Any], ceiling: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """The JSON document: settings, machine, versions, medians, ratios and every sample."""
     backends: dict[str, Any] = {}
     for name in s.backends:
@@ -1055,8 +1096,18 @@ def build_report(s: BenchSettings, info: dict[str, Any],
             "config": info, "machine": machine, "versions": versions(),
             "metrics": [asdict(m) for m in METRICS], "baseline": BASELINE,
             "backends": backends, "ratios": ratios, "paired_ratios": paired,
-            "greedy_tokens": tokens,
+            "greedy_tokens": tokens, "ceiling": with_shares(ceiling, backends),
             "notes": report_notes(s, info)}
+
+
+def with_shares(ceiling: dict[str, Any] | None,
+                backends: dict[str, Any]) -> dict[str, Any] | None:
+    """The ceiling with each backend's decode tokens/s as a fraction of it."""
+    if ceiling is None:
+        return None
+    limit = ceiling["decode_ceiling_tok_s"]
+    return ceiling | {"fraction_of_ceiling": {
+        n: b["medians"]["decode_tok_s"] / limit for n, b in backends.items()}}
 
 
 def report_notes(s: BenchSettings, info: dict[str, Any]) -> list[str]:
@@ -1067,8 +1118,12 @@ def report_notes(s: BenchSettings, info: dict[str, Any]) -> list[str]:
         "median of each repeat's own ratio (the two samples of a repeat ran back to back)",
         f"medians of {s.repeats} repeats after {s.warmup} warm-up; backends interleaved repeat by "
         "repeat on the same weights, frame and questions",
-        "vision: the product's preprocessing (bit-exact with CLIPImageProcessor) on both sides, "
-        "then the tower and projector; stock CLIPVisionModel also runs its last layer, which "
+        ("vision: the product's preprocessing (bit-exact with CLIPImageProcessor) on both sides"
+         if s.preprocess == "exact" else
+         "vision: the torch backends preprocess on their device (preprocess_device.py, within "
+         "2 uint8 levels of the exact path), the others on the CPU, bit-exact with "
+         "CLIPImageProcessor") +
+        ", then the tower and projector; stock CLIPVisionModel also runs its last layer, which "
         "LLaVA's hidden_states[-2] discards",
         "prefill: the whole prompt (the product's prefix cache is cleared first); "
         f"{BASELINE}: one forward over inputs_embeds with logits_to_keep=1, as its generate does",
@@ -1120,6 +1175,14 @@ def format_report(report: dict[str, Any]) -> str:
                 "" if pair is None else f" ({pair['median']:.2f}x)"))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    ceiling = report.get("ceiling")
+    if ceiling is not None:
+        shares = ", ".join(f"{n} {f:.1%}" for n, f in ceiling["fraction_of_ceiling"].items())
+        lines.append(f"- decode ceiling: {ceiling['copy']['bandwidth_gb_s']:,.0f} GB/s copy "
+                     f"bandwidth (read + write of a {ceiling['copy']['bytes'] / 2**30:.0f} GiB "
+                     f"copy) / {ceiling['decode_weight_bytes'] / 1e9:.4g} GB of weights per "
+                     f"token = {ceiling['decode_ceiling_tok_s']:,.1f} tokens/s; reached: "
+                     f"{shares}")
     for n, t in report["greedy_tokens"].items():
         lines.append(f"- greedy tokens of {n} and {BASELINE}: " + (
             "identical" if t["same_as_baseline"] else f"differ from token {t['first_divergence']}"))

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import BACKENDS, DTYPE_NAMES
+from .backends import BACKENDS, DECODE_PATHS, DTYPE_NAMES
 
 LIVE, RELOAD, STARTUP = "live", "reload", "startup"
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -117,6 +117,9 @@ PARAMETERS: tuple[Param, ...] = (
     Param("device", "cpu", "Device for the model: cpu, cuda, cuda:N.", RELOAD, rule=_device_name),
     Param("dtype", "auto", "Weights dtype; auto = float32 on CPU, float16 on a GPU.", RELOAD,
           choices=DTYPE_NAMES),
+    Param("decode_path", "auto", "How the torch backend runs a decode step: eager, graph (CUDA "
+          "graphs), fused (fused Triton kernels in one CUDA graph); auto = fused on a GPU with "
+          "Triton, graph without it, eager on the CPU.", RELOAD, choices=DECODE_PATHS),
     Param("engine_dir", "", "Directory of TensorRT engines (backend tensorrt): absolute; empty "
           "= $ROS_HOME/llava_phi_ros/engines (~/.ros/... without ROS_HOME).", RELOAD),
     Param("max_context", 0, "KV cache positions (prompt with image + answer); 0 = the model's "

@@ -143,6 +143,9 @@ class VisionLanguageModel:
         self.backend = backend
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        # True: resize/pad/normalise on the backend's device (preprocess_device.py; within
+        # DEVICE_TOLERANCE_LEVELS of the exact path); torch backends only
+        self.device_preprocessing = False
         self.description = description or backend.model_id
         self.system_prompt = system_prompt
         self.is_builtin_toy = False
@@ -213,7 +216,12 @@ class VisionLanguageModel:
     def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
         """Preprocess (exact CPU path) and run the vision tower + projector."""
         start = time.perf_counter()
-        pixels = preprocess_image(image, self.preprocess)  # (3, S, S) float32
+        if self.device_preprocessing:
+            from .model.preprocess_device import preprocess_on_device
+
+            pixels = preprocess_on_device(image, self.preprocess, self.backend.describe()["device"])
+        else:
+            pixels = preprocess_image(image, self.preprocess)  # (3, S, S) float32
         features = self.backend.encode_image(pixels)
         self.backend.synchronize()
         return EncodedImage(features, _ms(start))

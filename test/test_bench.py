@@ -102,7 +102,8 @@ def test_table_on_stdout_progress_on_stderr_and_plot(run):
 @pytest.mark.parametrize("flags, message", [
     (["--backend", "torch,nope"], "unknown backend 'nope'"),
     (["--backend", "tensorrt"], "backend 'tensorrt' needs TensorRT's Python module"),
-    (["--backend", "torch:int4"], "only onnxruntime takes a weight format"),
+    (["--backend", "torch:int4"], "torch takes a decode path, as torch:auto|eager|graph|fused"),
+    (["--backend", "tensorrt:int4"], "only onnxruntime takes a weight format"),
     (["--backend", "onnxruntime:int3"], "only onnxruntime takes a weight format"),
     (["--backend", "onnxruntime:int4:9"], "only onnxruntime takes a weight format"),
     (["--backend", "torch,torch"], "names a backend twice"),

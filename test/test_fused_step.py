@@ -195,3 +195,85 @@ def test_every_kernel_compiles_to_a_cubin(arch, dtype):
                           str(arch), dtype], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("cubin") == 5, run.stdout
+
+
+def test_decode_paths_resolve_or_refuse_with_a_reason():
+    from llava_phi_ros.backends.base import BackendError
+    from llava_phi_ros.backends.torch_backend import resolve_decode_path
+
+    cpu = torch.device("cpu")
+    assert resolve_decode_path("auto", cpu) == "eager"
+    assert resolve_decode_path(None, cpu) == "eager"
+    assert resolve_decode_path("fused", cpu) == "fused"  # torch references, no graphs
+    with pytest.raises(BackendError, match="needs a CUDA device"):
+        resolve_decode_path("graph", cpu)
+    with pytest.raises(BackendError, match="unknown decode_path 'fast'"):
+        resolve_decode_path("fast", cpu)
+
+
+def test_builtin_tiny_greedy_answers_are_identical_on_every_decode_path():
+    """The trained tiny model through VisionLanguageModel.ask: eager and fused (on DEVICE)
+    give the same greedy tokens on real scenes; graph too, where there is a GPU."""
+    import random
+
+    from llava_phi_ros.model.generation import GenerationConfig
+    from llava_phi_ros.pipeline import VisionLanguageModel
+    from llava_phi_ros.training.scenes import generate_scenes, make_question, render_scene
+
+    paths = ["eager", "fused"] + (["graph"] if DEVICE.type == "cuda" else [])
+    models = {p: VisionLanguageModel.load("builtin:tiny", device=str(DEVICE),
+                                          backend_options={"decode_path": p}) for p in paths}
+    assert {p: m.backend.describe()["decode_path"] for p, m in models.items()} == \
+        {p: p for p in paths}
+    rng = random.Random(4)
+    greedy = GenerationConfig(max_new_tokens=24)
+    for scene in generate_scenes(4, seed=11):
+        image = render_scene(scene)
+        question = make_question(scene, "colour", rng) or make_question(scene, "count", rng)
+        answers = {p: m.ask(image, question.question, generation=greedy)
+                   for p, m in models.items()}
+        tokens = {p: a.token_ids for p, a in answers.items()}
+        assert all(t == tokens["eager"] for t in tokens.values()), tokens
+        # the answers are a word or two: also 24 greedy steps past the stop token
+        forced = {p: _greedy_past_stop(m, image, question.question, 24) for p, m in models.items()}
+        assert all(t == forced["eager"] for t in forced.values()), forced
+
+
+def _greedy_past_stop(vlm, image, question: str, steps: int) -> list[int]:
+    """`steps` greedy tokens through the backend's prefill and decode_step (no stop token)."""
+    from llava_phi_ros.model.generation import embed_prompt
+
+    backend = vlm.backend
+    with torch.inference_mode():
+        embeds = embed_prompt(backend, vlm.prompt_ids(question), vlm.encode_image(image).features)
+        tokens = [int(backend.prefill(embeds, 0).argmax())]
+        for pos in range(embeds.shape[0], embeds.shape[0] + steps - 1):
+            tokens.append(int(backend.decode_step(tokens[-1], pos).argmax()))
+    vlm.prefix_cache.clear()  # the KV cache no longer holds what the cache recorded
+    return tokens
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (gpu_check.sh runs "
+                    "this with LLAVA_PHI_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("path", ["graph", "fused"])
+def test_graph_replay_is_bit_identical_to_the_eager_kernels(path):
+    """The captured step replays the same kernels as running them eagerly: equal bits."""
+    from llava_phi_ros.backends.torch_backend import TorchBackend
+
+    model = _model(torch.float16)
+    eager = TorchBackend(copy.deepcopy(model), 128, decode_path=path)
+    eager._graphs = eager._vision_graph = None  # the same steps, op by op
+    captured = TorchBackend(model, 128, decode_path=path)
+    size = model.config.vision.image_size
+    pixels = torch.randn(3, size, size, generator=torch.Generator().manual_seed(5)).numpy()
+    for _ in range(2):  # captured on the first call, replayed on the second
+        assert torch.equal(captured.encode_image(pixels), eager.encode_image(pixels))
+    with torch.inference_mode():
+        for backend in (eager, captured):
+            backend.prefill(backend.embed_tokens([3, 1, 4, 1, 5]), 0)
+        token = 7
+        for pos in range(5, 45):
+            a, b = eager.decode_step(token, pos), captured.decode_step(token, pos)
+            assert torch.equal(a, b), f"position {pos}: max |delta| {(a - b).abs().max()}"
+            token = int(a.argmax())
+    assert len(captured._graphs) == 1  # fused: one graph for all; graph: 45 < one window block

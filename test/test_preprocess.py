@@ -195,3 +195,31 @@ def test_load_image_truncated_and_missing(tmp_path):
         load_image(path)
     with pytest.raises(ImageLoadError, match="missing.png"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (1080, 1920), (300, 200), (336, 336)])
+def test_device_preprocessing_is_within_its_stated_tolerance_of_the_exact_path(shape):
+    """The GPU path (here on the CPU, or on LLAVA_PHI_TEST_DEVICE) against the exact CPU path,
+    on uniform noise (the worst case for a resampler) and on a rendered scene."""
+    import os
+
+    from llava_phi_ros.model.preprocess_device import (
+        DEVICE_MEAN_LEVELS,
+        DEVICE_TOLERANCE_LEVELS,
+        preprocess_on_device,
+    )
+    from llava_phi_ros.training.scenes import generate_scenes, render_scene
+
+    device = os.environ.get("LLAVA_PHI_TEST_DEVICE", "cpu")
+    cfg = ImagePreprocessConfig()
+    levels_per_unit = np.asarray(cfg.image_std, dtype=np.float64)[:, None, None] * 255
+    h, w = shape
+    noise = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    scene = np.asarray(render_scene(generate_scenes(1, seed=h)[0]).resize((w, h)))
+    for frame in (noise, scene):
+        exact = preprocess_image(frame, cfg)
+        on_device = preprocess_on_device(frame, cfg, device)
+        assert on_device.shape == exact.shape and str(on_device.device).startswith(device)
+        levels = np.abs(on_device.cpu().numpy() - exact) * levels_per_unit
+        assert levels.max() <= DEVICE_TOLERANCE_LEVELS + 1e-3
+        assert levels.mean() <= DEVICE_MEAN_LEVELS

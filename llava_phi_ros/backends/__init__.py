@@ -17,13 +17,18 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # every backend name the product knows
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # auto: fp32 on CPU, fp16 on a GPU
+# How the torch backend runs a decode step: eager (the static step, op by op), graph (that step
+# captured in CUDA graphs, one per attention window), fused (the fused Triton step of
+# model/fused_step.py in one CUDA graph; torch references on the CPU); auto: fused on a GPU with
+# Triton, graph on a GPU without it, eager on the CPU.
+DECODE_PATHS = ("auto", "eager", "graph", "fused")
 EXPORT_DTYPES = ("float32", "float16")  # what `llava-phi export` writes (onnxruntime runs)
 # name -> the module whose create(metadata, device, dtype, max_context) builds it
 _IMPLEMENTATIONS = {"torch": "llava_phi_ros.backends.torch_backend",
                     "onnxruntime": "llava_phi_ros.backends.onnxruntime_backend",
                     "tensorrt": "llava_phi_ros.backends.tensorrt_backend"}
 # The options only some backends take (node parameters of the same names); others ignore them.
-BACKEND_OPTIONS = {"tensorrt": ("engine_dir", "max_prefill")}
+BACKEND_OPTIONS = {"torch": ("decode_path",), "tensorrt": ("engine_dir", "max_prefill")}
 assert set(_IMPLEMENTATIONS) <= set(BACKENDS) and set(BACKEND_OPTIONS) <= set(BACKENDS)
 
 

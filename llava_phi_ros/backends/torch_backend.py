@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
 from ..model.llava_phi import LlavaPhiForCausalLM
 from ..model.metadata import ModelMetadata
-from . import DTYPE_NAMES
+from . import DECODE_PATHS, DTYPE_NAMES
 from .base import Backend, BackendError, KVSnapshot
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,8 +42,27 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_decode_path(name: str | None, device: torch.device) -> str:
+    """The decode path `name` stands for on `device`; BackendError when it cannot run there."""
+    from ..model.fused_ops import triton_available
+
+    name = name or "auto"
+    if name not in DECODE_PATHS:
+        raise BackendError(f"unknown decode_path {name!r} (choose from {', '.join(DECODE_PATHS)})")
+    if name == "auto":
+        if device.type != "cuda":
+            return "eager"
+        return "fused" if triton_available(device) is None else "graph"
+    if name == "graph" and device.type != "cuda":
+        raise BackendError(f"decode_path 'graph' captures CUDA graphs: it needs a CUDA device, "
+                           f"not {device}")
+    if name == "fused" and device.type == "cuda" and triton_available(device) is not None:
+        raise BackendError(f"decode_path 'fused' on {device}: {triton_available(device)}")
+    return name
+
+
 def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = None,
-           max_context: int | None = None) -> TorchBackend:
+           max_context: int | None = None, decode_path: str | None = None) -> TorchBackend:
     """The registry's factory: the metadata's weights on `device` in `dtype`."""
     from ..model.checkpoint import load_model
 
@@ -55,15 +74,53 @@ def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = Non
         model = load_model(metadata.weights_dir, device=torch_device, dtype=torch_dtype)
     else:
         raise BackendError(f"{metadata.name}: no PyTorch weights to load")
+    path = resolve_decode_path(decode_path, torch_device)
     precision = str(torch_dtype).removeprefix("torch.")
-    return TorchBackend(model, max_context, f"{metadata.name}/torch/{precision}")
+    return TorchBackend(model, max_context, f"{metadata.name}/torch/{precision}",
+                        decode_path=path)
+
+
+class CapturedSteps:
+    """CUDA graphs of one step function, one per key (an attention window, or a single key),
+    captured on first use and replayed after: the inputs are the static tensors `run` reads,
+    written before each call. All graphs share one memory pool (they never run at once)."""
+
+    def __init__(self, run: Callable[[Hashable], torch.Tensor], device: torch.device,
+                 warmup: int = 2):
+        self._run = run
+        self._device = device
+        self._warmup = warmup
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, key: Hashable) -> torch.Tensor:
+        """Replay key's graph (capturing it first); its static output, valid until the next
+        call."""
+        if key not in self._graphs:
+            stream = torch.cuda.Stream(self._device)
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream):  # warm-up outside capture: lazy init, autotuning
+                for _ in range(self._warmup):  # the same inputs as the replay: idempotent
+                    self._run(key)
+            torch.cuda.current_stream(self._device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._run(key)
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
 
 
 class TorchBackend(Backend):
     """LlavaPhiForCausalLM with one preallocated KV cache and preallocated step inputs."""
 
     def __init__(self, model: LlavaPhiForCausalLM, max_context: int | None = None,
-                 model_id: str = "torch", window_block: int | None = DECODE_WINDOW_BLOCK):
+                 model_id: str = "torch", window_block: int | None = DECODE_WINDOW_BLOCK,
+                 decode_path: str = "eager"):
         self.model: LlavaPhiForCausalLM | None = model.eval()
         self.config = model.config
         self.max_context = max_context or self.config.text.max_position_embeddings
@@ -71,10 +128,26 @@ class TorchBackend(Backend):
         self.model_id = model_id
         self.window_block = window_block
         device = model.device
+        self.decode_path = resolve_decode_path(decode_path, device)
         self._described = {"backend": "torch", "precision": str(model.dtype).removeprefix("torch."),
-                           "device": str(device)}
+                           "device": str(device), "decode_path": self.decode_path}
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # decode_step's input
         self._position = torch.zeros(1, dtype=torch.long, device=device)
+        self._fused = None
+        if self.decode_path == "fused":
+            from ..model.fused_ops import TorchOps, TritonOps
+            from ..model.fused_step import FusedDecoder
+
+            ops = TritonOps(device) if device.type == "cuda" else TorchOps()
+            self._fused = FusedDecoder(model, self.cache, ops)
+        self._graphs = self._vision_graph = None
+        if device.type == "cuda" and self.decode_path in ("graph", "fused"):
+            self._graphs = CapturedSteps(self._eager_step, device)
+            # the vision tower + projector too: one graph on a static pixel buffer
+            size = self.config.vision.image_size
+            self._pixels = torch.zeros((1, 3, size, size), dtype=torch.float32, device=device)
+            self._vision_graph = CapturedSteps(lambda _: model.encode_images(self._pixels)[0],
+                                               device)
 
     def describe(self) -> dict[str, str]:
         return dict(self._described)
@@ -86,9 +159,15 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def encode_image(self, pixel_values: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        if isinstance(pixel_values, torch.Tensor):  # preprocessed on the device already
+            pixels = pixel_values.float()
+        else:
+            pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)  # (1, C, S, S)
+        if self._vision_graph is not None and pixels.shape == self._pixels.shape:
+            self._pixels.copy_(pixels)  # host to device, into the graph's input
+            return self._vision_graph(None).clone()  # (N, D): kept by the feature cache
         return self._live().encode_images(pixels)[0]  # (N, D)
 
     @torch.inference_mode()
@@ -105,14 +184,25 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def decode_step(self, token_id: int, pos: int) -> torch.Tensor:
-        model = self._live()
         if not 0 <= pos < self.max_context:
             raise ValueError(f"position {pos} is outside the KV cache of {self.max_context}")
+        self._live()
         self._token.fill_(token_id)  # no new tensors, no host read
         self._position.fill_(pos)
+        window = None if self._fused is not None else self.attention_window(pos)
+        if self._graphs is not None:
+            return self._graphs(window).clone()  # the graph's output is overwritten next step
+        return self._eager_step(window)
+
+    def _eager_step(self, window: int | None) -> torch.Tensor:
+        """The step on the static token/position inputs: fp32 logits (V,). The fused step reads
+        only the valid cache (its length from the position tensor), so it takes no window."""
+        if self._fused is not None:
+            return self._fused.step(self._token, self._position)
+        model = self._live()
         embeds = model.model.embed_tokens(self._token)  # (1, 1, D)
         return model.step(embeds, self.cache, self._position, last_only=True,
-                          kv_len=self.attention_window(pos))[0]  # (V,)
+                          kv_len=window)[0]  # (V,)
 
     def attention_window(self, pos: int) -> int:
         """Cache entries a decode step at pos attends over (through its mask): whole blocks of
@@ -143,6 +233,7 @@ class TorchBackend(Backend):
         self.model = None
         self.cache = None  # type: ignore[assignment]
         self._token = self._position = None  # type: ignore[assignment]
+        self._graphs = self._fused = self._vision_graph = None
         gc.collect()  # drop reference cycles that may still hold parameters
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -74,7 +74,8 @@ def load_model_from_values(values: dict[str, Any]) -> Any:
     return VisionLanguageModel.load(
         values["model_path"], backend=values["backend"], device=values["device"],
         dtype=values["dtype"], max_context=values["max_context"] or None,
-        backend_options={"engine_dir": values["engine_dir"],
+        backend_options={"decode_path": values["decode_path"],
+                         "engine_dir": values["engine_dir"],
                          "max_prefill": values["max_prefill"] or None})
 
 
