@@ -61,13 +61,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_ver
     --format=csv >> "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-stage kernels 150 env LLAVA_PHI_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -rs \
+stage kernels 100 env LLAVA_PHI_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -rs \
     test/test_fused_step.py test/test_preprocess.py -k "not compiles"
 
 DAY=$(date -u +%Y-%m-%d)
 GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" \
       2>/dev/null || echo "$DEVICE")
-stage bench 240 "$PY" -m llava_phi_ros.cli bench --config "$CONFIG" --random-weights \
+stage bench 190 "$PY" -m llava_phi_ros.cli bench --config "$CONFIG" --random-weights \
     --device "$DEVICE" --dtype float16 --backend "$PATHS,transformers" \
     --new-tokens 64 --repeats 5 --warmup 2 --no-memory --ceiling \
     --json "$OUT/$GPU-$CONFIG-fp16-$DAY.json" --plot "$OUT/$GPU-$CONFIG-fp16-$DAY.png" \
