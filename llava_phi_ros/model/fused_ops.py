@@ -220,8 +220,10 @@ class TritonOps:
                 torch.empty((heads, ATTENTION_SPLITS), dtype=torch.float32, device=device))
         return self._scratch[key]
 
-    def qkv_rotary_cache(self, y, bias, cos_table, sin_table, position, keys, values,
-                         rotary_dim):
+    def qkv_rotary_cache(self, y: torch.Tensor, bias: torch.Tensor, cos_table: torch.Tensor,
+                         sin_table: torch.Tensor, position: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+        """As TorchOps.qkv_rotary_cache, one program per head."""
         h, s, dh = keys.shape
         q = torch.empty((h, dh), dtype=y.dtype, device=y.device)
         _qkv_rotary_cache_kernel[(h,)](y, bias, cos_table, sin_table, position, keys, values, q,
@@ -229,7 +231,9 @@ class TritonOps:
                                        BLOCK_D=triton.next_power_of_2(dh), SCALE=dh ** -0.5)
         return q
 
-    def decode_attention(self, q, keys, values, position, out):
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         position: torch.Tensor, out: torch.Tensor) -> None:
+        """As TorchOps.decode_attention: (heads, splits) programs, then one reduction per head."""
         h, s, dh = keys.shape
         block_d = triton.next_power_of_2(dh)
         part_out, part_max, part_sum = self._buffers(h, block_d, q.device)
@@ -240,12 +244,17 @@ class TritonOps:
         _attention_reduce_kernel[(h,)](part_out, part_max, part_sum, out, dh,
                                        SPLITS=ATTENTION_SPLITS, BLOCK_D=block_d)
 
-    def bias_gelu(self, y, bias, start, out):
+    def bias_gelu(self, y: torch.Tensor, bias: torch.Tensor, start: int,
+                  out: torch.Tensor) -> None:
+        """As TorchOps.bias_gelu, in blocks of 1024."""
         n = out.shape[-1]
         block = 1024
         _bias_gelu_kernel[(triton.cdiv(n, block),)](y, bias, out, start, n, BLOCK=block)
 
-    def add_layernorm(self, x, z, bias, weight, ln_bias, eps):
+    def add_layernorm(self, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor,
+                      weight: torch.Tensor, ln_bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """As TorchOps.add_layernorm, one program over the row."""
         n = x.shape[-1]
         x_out, h_out = torch.empty_like(x), torch.empty_like(x)
         _add_layernorm_kernel[(1,)](x, z, bias, weight, ln_bias, x_out, h_out, n, eps,
