@@ -223,3 +223,19 @@ def test_device_preprocessing_is_within_its_stated_tolerance_of_the_exact_path(s
         levels = np.abs(on_device.cpu().numpy() - exact) * levels_per_unit
         assert levels.max() <= DEVICE_TOLERANCE_LEVELS + 1e-3
         assert levels.mean() <= DEVICE_MEAN_LEVELS
+
+
+def test_device_preprocessing_zero_pads_a_crop_larger_than_the_resized_image():
+    """shortest_edge below the crop size (no square padding): both paths zero-pad the crop the
+    same way (center_crop_layout), within the stated tolerance."""
+    from llava_phi_ros.model.preprocess_device import DEVICE_TOLERANCE_LEVELS, preprocess_on_device
+
+    cfg = ImagePreprocessConfig(shortest_edge=320, pad_to_square=False)
+    frame = np.random.default_rng(1).integers(0, 256, (240, 300, 3), dtype=np.uint8)
+    exact = preprocess_image(frame, cfg)
+    levels = np.abs(preprocess_on_device(frame, cfg, "cpu").numpy() - exact) * \
+        np.asarray(cfg.image_std)[:, None, None] * 255
+    assert levels.max() <= DEVICE_TOLERANCE_LEVELS + 1e-3
+    padded_value = (0 - np.asarray(cfg.image_mean)) / np.asarray(cfg.image_std)  # a zero pixel
+    np.testing.assert_allclose(exact[:, :8, 0], np.broadcast_to(padded_value[:, None], (3, 8)),
+                               rtol=1e-6)

@@ -174,18 +174,24 @@ def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
     return (new_long, size) if width <= height else (size, new_long)
 
 
+def center_crop_layout(h: int, w: int, size: int) -> tuple[int, int, int, int, int, int]:
+    """A centre crop of (H, W) to (size, size), as transformers does it: (padded H, padded W,
+    pad top, pad left, crop top, crop left). A side smaller than size is first zero-padded to
+    it, centred with the odd pixel before (ceil); a large enough side is not padded."""
+    nh, nw = max(h, size), max(w, size)
+    ph, pw = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil
+    return nh, nw, ph, pw, (h - size) // 2 + ph, (w - size) // 2 + pw
+
+
 def _center_crop(x: np.ndarray, size: int) -> np.ndarray:
     """Centre crop (C, H, W) to (C, size, size); zero-pads a too small image, as transformers."""
     c, h, w = x.shape
-    top, left = (h - size) // 2, (w - size) // 2
-    if top >= 0 and left >= 0:
-        return x[:, top : top + size, left : left + size]
-    nh, nw = max(h, size), max(w, size)
-    padded = np.zeros((c, nh, nw), dtype=x.dtype)
-    ph, pw = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil
-    padded[:, ph : ph + h, pw : pw + w] = x
-    top, left = top + ph, left + pw
-    return padded[:, max(0, top) : min(nh, top + size), max(0, left) : min(nw, left + size)]
+    nh, nw, ph, pw, top, left = center_crop_layout(h, w, size)
+    if (nh, nw) != (h, w):
+        padded = np.zeros((c, nh, nw), dtype=x.dtype)
+        padded[:, ph : ph + h, pw : pw + w] = x
+        x = padded
+    return x[:, top : top + size, left : left + size]
 
 
 def preprocess_image(image: Image.Image | np.ndarray,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .preprocess import ImagePreprocessConfig, _shortest_edge_size, _to_pil
+from .preprocess import ImagePreprocessConfig, _shortest_edge_size, _to_pil, center_crop_layout
 
 # Difference from the exact CPU path, in uint8 levels of the resized image (pixel values differ
 # by levels / 255 / std): PIL resizes in fixed point, torch in fp32, so a value that lands near
@@ -54,12 +54,11 @@ def preprocess_on_device(image: Image.Image | np.ndarray, cfg: ImagePreprocessCo
         h, w = nh, nw
     if cfg.do_center_crop:
         size = cfg.image_size
-        if h < size or w < size:  # the rare too-small case: the exact path's zero padding
-            padded = torch.zeros((3, max(h, size), max(w, size)), device=x.device)
-            ph, pw = -(-(padded.shape[1] - h) // 2), -(-(padded.shape[2] - w) // 2)
+        nh, nw, ph, pw, top, left = center_crop_layout(h, w, size)
+        if (nh, nw) != (h, w):  # the rare too-small case: the exact path's zero padding
+            padded = torch.zeros((3, nh, nw), device=x.device)
             padded[:, ph:ph + h, pw:pw + w] = x
-            x, h, w = padded, padded.shape[1], padded.shape[2]
-        top, left = (h - size) // 2, (w - size) // 2
+            x = padded
         x = x[:, top:top + size, left:left + size]
     if cfg.do_rescale:
         x = x * cfg.rescale_factor
