@@ -49,6 +49,7 @@ from .export.quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, WEIGHT_FOR
 from .model.config import ConfigError, LlavaPhiConfig, tiny_config
 from .model.llava_phi import LlavaPhiForCausalLM
 from .model.preprocess import ImagePreprocessConfig, preprocess_image
+from .model.preprocess_device import DEVICE_TOLERANCE_LEVELS
 from .model.prompt import build_prompt, tokenize_prompt
 from .model.tokenizer import Tokenizer, build_byte_tokenizer
 from .roofline import copy_bandwidth, decode_ceiling, decode_weight_bytes
@@ -177,7 +178,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", default="exact", choices=PREPROCESSING,
                    help="exact: the CPU path, bit-exact with CLIPImageProcessor (default); "
                         "device: the torch backends resize/pad/normalise on their device "
-                        "(within 2 uint8 levels of exact); the others stay exact")
+                        f"(within {DEVICE_TOLERANCE_LEVELS} uint8 levels of exact); the others "
+                        "stay exact")
     p.add_argument("--json", default=None, metavar="FILE", help="write every sample as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="bar charts, one per metric (needs matplotlib)")
@@ -1121,8 +1123,8 @@ def report_notes(s: BenchSettings, info: dict[str, Any]) -> list[str]:
         ("vision: the product's preprocessing (bit-exact with CLIPImageProcessor) on both sides"
          if s.preprocess == "exact" else
          "vision: the torch backends preprocess on their device (preprocess_device.py, within "
-         "2 uint8 levels of the exact path), the others on the CPU, bit-exact with "
-         "CLIPImageProcessor") +
+         f"{DEVICE_TOLERANCE_LEVELS} uint8 levels of the exact path), the others on the CPU, "
+         "bit-exact with CLIPImageProcessor") +
         ", then the tower and projector; stock CLIPVisionModel also runs its last layer, which "
         "LLaVA's hidden_states[-2] discards",
         "prefill: the whole prompt (the product's prefix cache is cleared first); "

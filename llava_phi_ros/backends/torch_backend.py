@@ -56,8 +56,9 @@ def resolve_decode_path(name: str | None, device: torch.device) -> str:
     if name == "graph" and device.type != "cuda":
         raise BackendError(f"decode_path 'graph' captures CUDA graphs: it needs a CUDA device, "
                            f"not {device}")
-    if name == "fused" and device.type == "cuda" and triton_available(device) is not None:
-        raise BackendError(f"decode_path 'fused' on {device}: {triton_available(device)}")
+    reason = triton_available(device) if name == "fused" and device.type == "cuda" else None
+    if reason is not None:
+        raise BackendError(f"decode_path 'fused' on {device}: {reason}")
     return name
 
 
@@ -68,13 +69,13 @@ def create(metadata: ModelMetadata, device: str = "cpu", dtype: str | None = Non
 
     torch_device = check_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device.type)
+    path = resolve_decode_path(decode_path, torch_device)  # refused before any weight loads
     if metadata.build_weights is not None:
         model = metadata.build_weights().to(torch_device, torch_dtype)
     elif metadata.weights_dir is not None:
         model = load_model(metadata.weights_dir, device=torch_device, dtype=torch_dtype)
     else:
         raise BackendError(f"{metadata.name}: no PyTorch weights to load")
-    path = resolve_decode_path(decode_path, torch_device)
     precision = str(torch_dtype).removeprefix("torch.")
     return TorchBackend(model, max_context, f"{metadata.name}/torch/{precision}",
                         decode_path=path)

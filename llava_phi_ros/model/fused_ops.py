@@ -18,6 +18,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .phi import gelu_new
+
 try:
     import triton
     import triton.language as tl
@@ -80,8 +82,6 @@ class TorchOps:
     def bias_gelu(self, y: torch.Tensor, bias: torch.Tensor, start: int,
                   out: torch.Tensor) -> None:
         """out (1, I) = gelu_new(y[:, start:] + bias[start:]) (the fc1 part of y)."""
-        from .phi import gelu_new
-
         out.copy_(gelu_new(y[:, start:] + bias[start:]))
 
     def add_layernorm(self, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor,
